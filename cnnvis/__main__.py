@@ -1,0 +1,3 @@
+from cnnvis.cli import app
+
+app(prog_name="cnnvis")

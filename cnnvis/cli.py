@@ -1,0 +1,203 @@
+"""The ``cnnvis`` command: parse, call the library, print with rich. No computing here."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape  # user text (paths, values) may hold "[...]", which rich reads as markup
+
+from cnnvis.errors import CnnvisError
+
+app = typer.Typer(
+    name="cnnvis",
+    help="Train CNN image classifiers from YAML configs, log them to TensorBoard, and see what they learned.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Inspect the data a config points at.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
+
+
+def friendly_errors(command: Callable) -> Callable:
+    """Library errors become one red line and an exit status: 2 for bad input, 130 for Ctrl-C."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except CnnvisError as exc:
+            if debug:
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/mnist.yaml (optional with --resume).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    name: Annotated[Optional[str], typer.Option(help="Run name prefix (default: the config's name).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Folder that holds the run directories.")] = Path("runs"),
+    resume: Annotated[Optional[Path], typer.Option(metavar="RUN_DIR_OR_CHECKPOINT", help="Continue a run: its directory or a checkpoint file.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    debug: Debug = False,
+) -> None:
+    """Train a model; writes runs/<name>-<time>/ with config, metrics, checkpoints and TensorBoard events."""
+    from cnnvis.config import load_config
+    from cnnvis.console import ProgressListener, summary_table
+    from cnnvis.train import Trainer
+
+    if config is None and resume is None:
+        raise CnnvisError("give a config file (cnnvis train configs/mnist.yaml) or --resume RUN_DIR")
+    if config is not None and resume is not None:
+        err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")
+    cfg = load_config(config, set_) if resume is None else None
+    listeners = [ProgressListener(console)]
+    trainer = Trainer(cfg, runs_dir=runs_dir, name=name, device=device, resume=resume, listeners=listeners, overrides=set_ if resume else ())
+    cfg = trainer.config
+    if trainer.data.skipped:
+        shown = "; ".join(f"{p} ({why})" for p, why in trainer.data.skipped[:20])
+        more = f" and {len(trainer.data.skipped) - 20} more" if len(trainer.data.skipped) > 20 else ""
+        err_console.print(f"[yellow]warning:[/] skipped {len(trainer.data.skipped)} unreadable image(s): {escape(shown)}{more}", soft_wrap=True)
+    if cfg.log.tensorboard:
+        from cnnvis.tb import TensorBoardListener
+
+        trainer.listeners.append(TensorBoardListener(trainer.run_dir, cfg))
+    try:
+        final = trainer.fit()
+    except KeyboardInterrupt:
+        trainer.close()
+        state, saved = trainer.state, trainer.saved_epoch
+        where = f"in epoch {state.epoch + 1}" if state.epoch < cfg.train.epochs else "while testing"
+        if saved is None:
+            err_console.print(f"[yellow]interrupted[/] {where}, before the first checkpoint was written.", highlight=False)
+        else:
+            err_console.print(
+                f"[yellow]interrupted[/] {where}; checkpoints/last.pt holds epoch {saved}.\n"
+                f"resume with: cnnvis train --resume {escape(str(trainer.run_dir))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(130) from None
+    finally:
+        trainer.close()
+    console.print(summary_table(trainer.state.history, final))
+    console.print(f"run saved in [bold]{escape(str(trainer.run_dir))}[/]   view it: tensorboard --logdir {escape(str(trainer.run_dir.parent))}", soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
+def summary(
+    source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
+    debug: Debug = False,
+) -> None:
+    """Print the layer table: names exactly as --layer accepts them, output shapes, parameters, mult-adds."""
+    from rich.table import Table
+
+    from cnnvis.summary import summarize
+
+    model, input_size, title = _model_for(source, set_)
+    result = summarize(model, input_size=input_size)
+    table = Table(title=title)
+    for column, justify in (("layer (--layer)", "left"), ("type", "left"), ("output", "left"),
+                            ("params", "right"), ("trainable", "left"), ("mult-adds", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "type")
+    for row in result:
+        if depth and row.depth > depth:
+            continue
+        shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-"
+        table.add_row("  " * (row.depth - 1) + row.name, row.type, shape, f"{row.num_params:,}", row.trainable,
+                      _short(row.mult_adds) if row.mult_adds else "-")
+    table.caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
+                     f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
+    console.print(table)
+
+
+def _short(count: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+def _model_for(source: Path, overrides: list[str]):
+    """(model, input size, title) from a config file or a trained run."""
+    from cnnvis.config import load_config
+    from cnnvis.data import dataset_shape
+    from cnnvis.models import build_model
+    from cnnvis.run import load_run
+
+    if source.suffix in (".yaml", ".yml"):
+        cfg = load_config(source, overrides)
+        classes, channels, size = dataset_shape(cfg)
+        model = build_model(cfg.model.arch, classes, channels, size, freeze=cfg.model.freeze, dropout=cfg.model.dropout)
+        return model, (1, channels, size, size), f"{cfg.model.arch} ({source})"
+    run = load_run(source)
+    if run.config.model.freeze == "backbone":
+        from cnnvis.models import freeze_backbone
+
+        freeze_backbone(run.model)
+    size = (1, run.in_channels, run.image_size, run.image_size)
+    return run.model, size, f"{run.config.model.arch} ({run.checkpoint})"
+
+
+@data_app.command("check")
+@friendly_errors
+def data_check(
+    config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    debug: Debug = False,
+) -> None:
+    """Decode every image once and name each bad file (the same check training runs first)."""
+    from rich.table import Table
+
+    from cnnvis.config import load_config
+    from cnnvis.data import build_data
+
+    cfg = load_config(config, set_)
+    bundle = build_data(cfg, "cpu")
+    table = Table(title=f"{cfg.data.dataset}: {bundle.num_classes} classes")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    for split, count in bundle.sizes.items():
+        table.add_row(split, str(count))
+    console.print(table)
+    if bundle.skipped:
+        # One plain line per file (no table): a long path stays whole, copyable and grep-able.
+        console.print(f"[yellow]{len(bundle.skipped)} unreadable file(s), skipped:[/]")
+        for path, why in bundle.skipped:
+            console.print(f"  {path}: {why}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        console.print("[green]every image decodes[/]")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(prog_name="cnnvis")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

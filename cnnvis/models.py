@@ -1,0 +1,200 @@
+"""Model registry: small CNNs for digits and torchvision ResNets for transfer learning.
+
+Every model here ends in global average pooling (``avgpool``) and one linear layer (``fc``),
+except ``mnist_classic``, so the original CAM works on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from cnnvis.errors import CheckpointError, ConfigError
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class MnistCNN(nn.Module):
+    """Fast default digit net: three conv stages, global average pooling, one linear layer.
+
+    Small enough to train an epoch in seconds on two CPU cores; GAP + linear makes CAM exact.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16, dropout: float = 0.0) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv_bn(in_channels, w),
+            nn.MaxPool2d(2),
+            *_conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            *_conv_bn(2 * w, 4 * w),
+            *_conv_bn(4 * w, 4 * w),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x)).flatten(1)
+        return self.fc(self.dropout(x))
+
+
+class MnistClassic(nn.Module):
+    """The classic Keras-style teaching net: tanh convolutions, pooling and a tanh dense layer."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 4, 5, padding=2),
+            nn.Tanh(),
+            nn.Conv2d(4, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.Tanh(),
+            nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * side * side, 128),
+            nn.Tanh(),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+_RESNETS: dict[str, tuple[Callable[..., nn.Module], str]] = {
+    "resnet18": (tv_models.resnet18, "ResNet18_Weights"),
+    "resnet34": (tv_models.resnet34, "ResNet34_Weights"),
+    "resnet50": (tv_models.resnet50, "ResNet50_Weights"),
+    "resnet101": (tv_models.resnet101, "ResNet101_Weights"),
+    "resnet152": (tv_models.resnet152, "ResNet152_Weights"),
+}
+
+ARCHITECTURES: tuple[str, ...] = ("mnist_cnn", "mnist_classic", *_RESNETS)
+
+
+def _torchvision_weights(arch: str, name: str) -> tv_models.WeightsEnum:
+    enum_name = _RESNETS[arch][1]
+    try:
+        return tv_models.get_weight(f"{enum_name}.{name}")
+    except (ValueError, KeyError, AttributeError):
+        enum = tv_models.get_model_weights(arch)
+        valid = ", ".join(w.name for w in enum)
+        raise ConfigError(
+            f"model.pretrained = {name!r}: not a torchvision weights name or an existing file for {arch}; "
+            f"valid names: {valid}"
+        ) from None
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Let an RGB ResNet read other channel counts; pretrained filters are averaged over RGB."""
+    old: nn.Conv2d = model.conv1
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
+    model.conv1 = new
+
+
+def _load_backbone(model: nn.Module, path: Path) -> None:
+    """Backbone weights from a checkpoint of the same architecture; its head (any class count)
+    is dropped because a new one replaces it."""
+    from cnnvis.checkpoint import load_state_dict_file
+
+    own = model.state_dict()
+    state = {k: v for k, v in load_state_dict_file(path, model).items() if not k.startswith("fc.")}
+    conv = state.get("conv1.weight")
+    if conv is not None and conv.shape[1] == 3 and own["conv1.weight"].shape[1] != 3:
+        state["conv1.weight"] = conv.mean(dim=1, keepdim=True).expand_as(own["conv1.weight"]).clone()
+    missing = [k for k in own if k not in state and not k.startswith("fc.")]
+    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or wrong:
+        raise CheckpointError(
+            f"model.pretrained = {str(path)!r} does not fit {type(model).__name__}: "
+            f"{len(missing)} backbone weights missing (e.g. {missing[:2]}), {len(wrong)} of another shape (e.g. {wrong[:2]})",
+            "Use weights saved from the same architecture.",
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _resnet(arch: str, num_classes: int, in_channels: int, pretrained: str | None, dropout: float) -> nn.Module:
+    builder, _ = _RESNETS[arch]
+    weights = None
+    checkpoint_path = None
+    if pretrained:
+        if Path(pretrained).expanduser().is_file():
+            checkpoint_path = Path(pretrained).expanduser()
+        else:
+            weights = _torchvision_weights(arch, pretrained)
+    try:
+        model = builder(weights=weights)
+    except (OSError, RuntimeError) as exc:  # no network for the weights download
+        raise ConfigError(
+            f"could not download the {arch} weights {pretrained!r}: {exc}",
+            "Without internet, set model.pretrained to a local weights file or to null.",
+        ) from None
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    if checkpoint_path is not None:
+        _load_backbone(model, checkpoint_path)
+    head = nn.Linear(model.fc.in_features, num_classes)
+    model.fc = nn.Sequential(nn.Dropout(dropout), head) if dropout else head
+    return model
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int = 1,
+    image_size: int = 28,
+    pretrained: str | None = None,
+    freeze: str = "none",
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Build a registered architecture with its head sized to ``num_classes``."""
+    if arch == "mnist_cnn":
+        model: nn.Module = MnistCNN(num_classes, in_channels, dropout=dropout)
+    elif arch == "mnist_classic":
+        model = MnistClassic(num_classes, in_channels, image_size, dropout=dropout)
+    elif arch in _RESNETS:
+        model = _resnet(arch, num_classes, in_channels, pretrained, dropout)
+    else:
+        raise ConfigError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+    if pretrained and arch not in _RESNETS:
+        from cnnvis.checkpoint import load_model_state, load_state_dict_file
+
+        if not Path(pretrained).expanduser().is_file():
+            raise ConfigError(
+                f"model.pretrained = {pretrained!r}: {arch} has no torchvision weights and no such file exists",
+                "Give the path of a checkpoint of the same architecture, or null.",
+            )
+        load_model_state(model, load_state_dict_file(Path(pretrained).expanduser(), model), f"model.pretrained = {pretrained!r}")
+    if freeze == "backbone":
+        freeze_backbone(model)
+    return model
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head: the module that stays trainable with ``freeze: backbone``."""
+    for name in ("fc", "classifier"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    raise CheckpointError(f"{type(model).__name__} has no 'fc' or 'classifier' head")
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in head_module(model).parameters():
+        param.requires_grad_(True)

@@ -1,0 +1,164 @@
+"""The one list of visualisation methods; the CLI and the config take their choices from here.
+
+``run_method(name, model, images, targets, layer, **params)`` calls any of them the same way.
+Each spec's ``defaults`` are read from the keyword-only parameters of the method's function, so
+they cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cnnvis.vis.activations import activations
+from cnnvis.vis.cam import cam
+from cnnvis.vis.errors import UnknownMethodError, VisError
+from cnnvis.vis.filters import filters
+from cnnvis.vis.gradcam import gradcam
+from cnnvis.vis.gradcampp import gradcampp
+from cnnvis.vis.guided_backprop import guided_backprop
+from cnnvis.vis.guided_gradcam import guided_gradcam
+from cnnvis.vis.hooks import Targets, capture, check_images, predict, resolve_targets
+from cnnvis.vis.integrated_gradients import integrated_gradients
+from cnnvis.vis.maps import NormalizeMode
+from cnnvis.vis.maximize import maximize
+from cnnvis.vis.occlusion import occlusion
+from cnnvis.vis.saliency import saliency
+from cnnvis.vis.smoothgrad import smoothgrad
+
+Kind = Literal["heatmap", "activations", "filters", "images"]
+#: runner(model, images, targets, layer, **params) -> the method's result
+Runner = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    function: Callable[..., Any]  #: the public function (its own, natural signature)
+    kind: Kind  #: heatmap: Tensor[N,H,W]; activations: dict layer -> Tensor; filters / images: Tensor
+    description: str
+    needs_layer: bool  #: works on a layer (``layer=None`` picks a sensible default)
+    accepts_layer: bool  #: a ``layer`` may be passed (maximize: optional channel objective)
+    requires_gap_linear: bool  #: only for models ending in global average pooling + one linear layer
+    normalize: NormalizeMode | None  #: suggested ``maps.normalize_maps`` mode for display (heatmaps)
+    signed: bool  #: the default heatmap has meaningful negative values (draw with a diverging map)
+    runner: Runner = field(repr=False)
+    defaults: Mapping[str, Any] = field(default_factory=dict)  #: parameters ``run_method`` accepts
+
+
+def _keyword_defaults(fn: Callable[..., Any]) -> Mapping[str, Any]:
+    params = inspect.signature(fn).parameters.values()
+    return MappingProxyType({p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY})
+
+
+def _no_layer(fn: Callable[..., Any]) -> Runner:
+    return lambda model, images, targets, layer, **p: fn(model, images, targets, **p)
+
+
+def _with_layer(fn: Callable[..., Any]) -> Runner:
+    return lambda model, images, targets, layer, **p: fn(model, images, targets, layer, **p)
+
+
+def _run_maximize(model: nn.Module, images: Tensor, targets: Targets, layer: str | None, **params: Any) -> Tensor:
+    """One image per target; ``targets="pred"``: each image's predicted class, or with a layer the
+    channel of that layer with the highest mean activation on the image. ``images`` give shape and device."""
+    check_images(model, images)
+    if isinstance(targets, str) and targets == "pred":
+        if layer is None:
+            with capture(model, []):
+                t = predict(model, images).argmax(dim=1)
+        else:
+            with capture(model, layer) as cap:
+                predict(model, images)
+                t = cap.value(layer).flatten(2).mean(dim=2).argmax(dim=1)
+    elif layer is None:
+        with capture(model, []):
+            t = resolve_targets(targets, predict(model, images[:1]).expand(len(images), -1))
+    else:
+        t = torch.as_tensor(targets).long().reshape(-1).expand(len(images))
+    return maximize(model, t, tuple(images.shape[1:]), layer=layer, device=images.device, **params)
+
+
+def _spec(name: str, fn: Callable[..., Any], kind: Kind, description: str, runner: Runner, *, needs_layer: bool,
+          accepts_layer: bool | None = None, requires_gap_linear: bool = False,
+          normalize: NormalizeMode | None = None, signed: bool = False,
+          exclude: tuple[str, ...] = ()) -> MethodSpec:
+    defaults = MappingProxyType({k: v for k, v in _keyword_defaults(fn).items() if k not in exclude})
+    return MethodSpec(name, fn, kind, description, needs_layer,
+                      needs_layer if accepts_layer is None else accepts_layer,
+                      requires_gap_linear, normalize, signed, runner, defaults)
+
+
+_SPECS = [
+    _spec("activations", activations, "activations", "feature maps of a layer for each image",
+          lambda model, images, targets, layer: activations(model, images, layer), needs_layer=True),
+    _spec("filters", filters, "filters", "convolution weights of a layer (default: the first conv)",
+          lambda model, images, targets, layer: filters(model, layer), needs_layer=True),
+    _spec("occlusion", occlusion, "heatmap",
+          "drop in the target's probability when a square is covered (Zeiler & Fergus 2014)",
+          _no_layer(occlusion), needs_layer=False, normalize="maxabs", signed=True),
+    _spec("cam", cam, "heatmap", "class activation map from GAP features and head weights (Zhou et al. 2016)",
+          _no_layer(cam), needs_layer=False, requires_gap_linear=True, normalize="minmax", signed=True),
+    _spec("gradcam", gradcam, "heatmap", "layer activations weighted by pooled gradients (Selvaraju et al. 2017)",
+          _with_layer(gradcam), needs_layer=True, normalize="minmax"),
+    _spec("gradcam++", gradcampp, "heatmap", "Grad-CAM with higher-order pixel weights (Chattopadhay et al. 2018)",
+          _with_layer(gradcampp), needs_layer=True, normalize="minmax"),
+    _spec("guided-gradcam", guided_gradcam, "heatmap",
+          "guided backprop times upsampled Grad-CAM (Selvaraju et al. 2017)",
+          _with_layer(guided_gradcam), needs_layer=True, normalize="maxabs"),
+    _spec("saliency", saliency, "heatmap", "absolute input gradient of the target logit (Simonyan et al. 2014)",
+          _no_layer(saliency), needs_layer=False, normalize="maxabs"),
+    _spec("guided-backprop", guided_backprop, "heatmap",
+          "input gradient passing only positive signals through ReLUs (Springenberg et al. 2014)",
+          _no_layer(guided_backprop), needs_layer=False, normalize="maxabs"),
+    _spec("smoothgrad", smoothgrad, "heatmap", "input gradients averaged over noisy copies (Smilkov et al. 2017)",
+          _no_layer(smoothgrad), needs_layer=False, normalize="maxabs"),
+    _spec("integrated-gradients", integrated_gradients, "heatmap",
+          "gradients integrated along a path from a baseline image (Sundararajan et al. 2017)",
+          _no_layer(integrated_gradients), needs_layer=False, normalize="maxabs", signed=True),
+    _spec("maximize", maximize, "images",
+          "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009)",
+          _run_maximize, needs_layer=False, accepts_layer=True, exclude=("layer", "device")),
+]
+
+#: name -> spec, in display order
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})
+
+
+def method_names() -> list[str]:
+    """All registered method names, in display order."""
+    return list(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown visualisation method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def run_method(
+    name: str,
+    model: nn.Module,
+    images: Tensor,
+    targets: Targets = "pred",
+    layer: str | None = None,
+    **params: Any,
+) -> Any:
+    """Run method ``name`` with the common calling convention (see :class:`MethodSpec` for result kinds)."""
+    spec = get_method(name)
+    unknown = sorted(set(params) - set(spec.defaults))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items()) or "none"
+        raise VisError(f"{name} does not take parameter(s) {', '.join(unknown)}; valid parameters: {valid}")
+    if layer is not None and not spec.accepts_layer:
+        raise VisError(f"{name} does not work on a chosen layer; leave layer unset "
+                       f"(layer-based methods: {', '.join(n for n, s in METHODS.items() if s.needs_layer)})")
+    return spec.runner(model, images, targets, layer, **params)
+

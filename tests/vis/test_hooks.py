@@ -1,0 +1,81 @@
+"""The shared helper: layer lookup and defaults, target normalisation, clean-up guarantees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cnnvis.models import build_model
+from cnnvis.vis import LayerNotFoundError, VisError, activations, capture, default_layer, get_layer, resolve_targets
+from cnnvis.vis.errors import UnsupportedModelError
+from vis_helpers import TinyCNN, assert_untouched, mixed_state, snapshot
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("mnist_cnn", "features.13"), ("mnist_classic", "features.6"), ("resnet18", "layer4"), ("resnet50", "layer4"),
+])
+def test_default_layer_is_the_last_conv_stage(arch: str, expected: str) -> None:
+    model = build_model(arch, 10, in_channels=3 if arch.startswith("resnet") else 1)
+    assert default_layer(model) == expected
+
+
+def test_default_layer_for_a_plain_sequential_and_errors() -> None:
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
+    assert default_layer(seq) == "4"
+    with pytest.raises(UnsupportedModelError, match="no nn.Conv2d"):
+        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+
+
+def test_unknown_layer_lists_the_valid_names() -> None:
+    model = build_model("mnist_cnn", 10)
+    with pytest.raises(LayerNotFoundError) as info:
+        get_layer(model, "features.99")
+    message = str(info.value)
+    assert "features.99" in message and "features.13" in message and "avgpool" in message and "fc" in message
+    assert get_layer(model, "features.0") is model.features[0]
+
+
+def test_targets_are_normalised_once() -> None:
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 0.0]])
+    assert resolve_targets("pred", logits).tolist() == [1, 0]
+    assert resolve_targets(2, logits).tolist() == [2, 2]
+    assert resolve_targets([2, 0], logits).tolist() == [2, 0]
+    assert resolve_targets(torch.tensor([1, 2]), logits).dtype == torch.long
+    for bad, msg in [(3, "out of range.*3 classes"), ([0, 1, 2], "3 targets for 2 images"), ("best", "'pred'"),
+                     (torch.tensor([0.5, 1.0]), "integer"), (True, "'pred'")]:
+        with pytest.raises(VisError, match=msg):
+            resolve_targets(bad, logits)
+
+
+def test_capture_restores_every_flag_when_the_body_raises() -> None:
+    model = mixed_state(TinyCNN())
+    before = snapshot(model)
+    with pytest.raises(ZeroDivisionError):
+        with capture(model, ["features.2", "features.5"], grads=True) as cap:
+            assert not model.training and not model.features[1].training
+            assert not any(p.requires_grad for p in model.parameters())
+            model(torch.randn(1, 1, 8, 8, requires_grad=True))
+            assert set(cap.values) == {"features.2", "features.5"}
+            1 / 0
+    assert_untouched(model, before)
+    assert cap.values == {}  # nothing kept after the call
+
+
+def test_snapshots_are_taken_before_later_inplace_ops() -> None:
+    model = TinyCNN().eval()
+    images = torch.randn(2, 1, 8, 8)
+    out = activations(model, images, ["features.1", "features.2"])  # BatchNorm, then ReLU(inplace=True)
+    assert (out["features.1"] < 0).any()  # the BN output as it was, not rectified afterwards
+    torch.testing.assert_close(out["features.2"], out["features.1"].clamp(min=0))
+    expected = model.features[1](model.features[0](images)).detach()
+    torch.testing.assert_close(out["features.1"], expected)
+
+
+def test_mismatched_devices_and_bad_images_are_reported() -> None:
+    model = TinyCNN()
+    with pytest.raises(VisError, match=r"\[N, C, H, W\]"):
+        activations(model, torch.randn(1, 8, 8))
+    with pytest.raises(VisError, match="empty"):
+        activations(model, torch.randn(0, 1, 8, 8))

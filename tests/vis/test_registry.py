@@ -1,0 +1,51 @@
+"""The one list of methods the CLI and config choose from, and its common calling convention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnnvis.vis import METHODS, UnknownMethodError, VisError, gradcam, run_method
+from cnnvis.vis.registry import get_method
+from vis_helpers import TinyCNN
+
+
+def test_every_spec_is_complete() -> None:
+    for name, spec in METHODS.items():
+        assert spec.name == name and spec.description and callable(spec.function)
+        assert spec.kind in ("heatmap", "activations", "filters", "images")
+        assert (spec.normalize is not None) == (spec.kind == "heatmap")
+    assert [n for n, s in METHODS.items() if s.requires_gap_linear] == ["cam"]
+    assert {n for n, s in METHODS.items() if s.needs_layer} == {
+        "activations", "filters", "gradcam", "gradcam++", "guided-gradcam"}
+    assert METHODS["integrated-gradients"].defaults["steps"] == 50
+    assert METHODS["occlusion"].defaults["score"] == "prob"
+    assert "layer" not in METHODS["maximize"].defaults and METHODS["maximize"].accepts_layer
+
+
+def test_unknown_method_and_parameter_errors_list_the_choices() -> None:
+    model, images = TinyCNN(), torch.randn(1, 1, 8, 8)
+    with pytest.raises(UnknownMethodError, match="grad-cam.*choose one of: activations, filters, occlusion"):
+        run_method("grad-cam", model, images)
+    with pytest.raises(VisError, match="steps.*valid parameters: samples=25, noise=0.15"):
+        run_method("smoothgrad", model, images, steps=3)
+    with pytest.raises(VisError, match="saliency does not work on a chosen layer"):
+        run_method("saliency", model, images, layer="features.0")
+    assert get_method("gradcam").function is gradcam
+
+
+def test_run_method_equals_the_direct_call() -> None:
+    model, images = TinyCNN(), torch.randn(2, 1, 10, 8)
+    torch.testing.assert_close(run_method("gradcam", model, images, [1, 2], "features.5"),
+                               gradcam(model, images, [1, 2], "features.5"))
+    torch.testing.assert_close(run_method("gradcam", model, images), gradcam(model, images, "pred", "features.6"))
+
+
+def test_maximize_through_the_registry_targets_predicted_classes_or_top_channels() -> None:
+    model, images = TinyCNN(), torch.randn(2, 1, 10, 8)
+    out = run_method("maximize", model, images, steps=2)
+    assert out.shape == images.shape
+    out = run_method("maximize", model, images, layer="features.2", steps=2)
+    assert out.shape == images.shape
+    with pytest.raises(VisError, match="channel index out of range"):
+        run_method("maximize", model, images, [0, 99], layer="features.2", steps=2)
