@@ -180,7 +180,8 @@ def data_check(
 
     cfg = load_config(config, set_)
     bundle = build_data(cfg, "cpu")
-    table = Table(title=f"{cfg.data.dataset}: {bundle.num_classes} classes")
+    console.print(f"{cfg.data.dataset}: {bundle.num_classes} classes", soft_wrap=True)
+    table = Table()
     table.add_column("split")
     table.add_column("images", justify="right")
     for split, count in bundle.sizes.items():

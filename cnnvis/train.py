@@ -102,8 +102,12 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
     """Returns (scheduler, steps_per_call): schedulers stepped per batch or per epoch."""
     s, epochs = config.scheduler, config.train.epochs
     total = max(1, steps_per_epoch * epochs)
-    if s.name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.optimizer.lr, total_steps=total, pct_start=s.pct_start), "step"
+    if s.name == "onecycle" and total >= 4:
+        # OneCycleLR divides by the length of each phase: both need at least two steps.
+        pct_start = min(max(s.pct_start, 2 / total), (total - 2) / total)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.optimizer.lr, total_steps=total, pct_start=pct_start), "step"
+    if s.name == "onecycle":  # too few steps for a cycle: keep the learning rate constant
+        return None, "none"
     if s.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), "step"
     if s.name == "step":
@@ -248,9 +252,11 @@ class Trainer:
         saved = payload.get("scheduler") or {}
         planned = saved.get("total_steps", saved.get("T_max")) if self.scheduler_unit == "step" else None
         wanted = s.steps_per_epoch * self.config.train.epochs
-        if planned is not None and planned != wanted:
+        stored = payload["config"]["train"]["epochs"]
+        planned_by_epochs = self.config.scheduler.name in ("onecycle", "cosine")
+        if planned_by_epochs and (stored != self.config.train.epochs or planned not in (None, wanted)):
             # Loading the state would keep the old plan: OneCycleLR raises past its end, cosine turns back up.
-            stored = payload["config"]["train"]["epochs"]
+            planned = planned or s.steps_per_epoch * stored
             raise ConfigError(
                 f"this run's {self.config.scheduler.name} schedule was planned for {planned} steps "
                 f"({stored} epochs) but the resumed run needs {wanted} (train.epochs = {self.config.train.epochs}).",

@@ -488,7 +488,7 @@ def test_checkpoint_saved_on_cuda_loads_on_cpu(run_copy):
     assert "test accuracy" in out
 
 
-def test_checkpoint_that_needs_code_execution_is_refused(tmp_path):
+def test_checkpoint_that_needs_code_execution_is_refused(tmp_path, images):
     marker = tmp_path / "executed"
 
     class Exploit:
@@ -500,8 +500,8 @@ def test_checkpoint_that_needs_code_execution_is_refused(tmp_path):
     out = cli("train", "--resume", path, code=2)
     assert f"{path}: refused to load: it needs" in out and "system" in out and "could run code" in out
     assert "weights_only=True" in out
-    config = write_config(tmp_path / "c.yaml", tmp_path, model={"pretrained": str(path)})
-    out = cli("summary", config, code=2)
+    config = write_config(tmp_path / "c.yaml", images, model={"pretrained": str(path)})
+    out = cli("train", config, "--runs-dir", tmp_path / "runs", code=2)
     assert "refused to load" in out
     assert not marker.exists(), "loading the file ran its code"
 

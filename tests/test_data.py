@@ -191,6 +191,7 @@ def test_mnist_missing_and_no_network_is_a_data_error(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    monkeypatch.setattr("cnnvis.data._any_reachable", lambda urls, timeout: True)  # a mirror answers, then fails
     with pytest.raises(DataError, match="download failed") as info:
         build_data(mnist_config(tmp_path), "cpu")
     assert "train-images-idx3-ubyte" in str(info.value)
