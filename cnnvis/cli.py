@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape  # user text (paths, values) may hold "[...]", which rich reads as markup
 
 from cnnvis.errors import CnnvisError
+from cnnvis.vis.registry import method_names
 
 app = typer.Typer(
     name="cnnvis",
@@ -105,6 +107,69 @@ def train(
         trainer.close()
     console.print(summary_table(trainer.state.history, final))
     console.print(f"run saved in [bold]{escape(str(trainer.run_dir))}[/]   view it: tensorboard --logdir {escape(str(trainer.run_dir.parent))}", soft_wrap=True)
+
+
+class Split(str, Enum):
+    val = "val"
+    test = "test"
+
+
+# The method choices come from the registry: no second list to keep in step.
+MethodName = Enum("MethodName", {name: name for name in method_names()}, type=str)
+
+
+@app.command()
+@friendly_errors
+def visualize(
+    source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
+    method: Annotated[list[MethodName], typer.Option("--method", "-m", metavar="NAME", help=f"Method to run (repeatable; default: all): {', '.join(method_names())}.")] = [],
+    images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
+    image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
+    split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
+    target: Annotated[str, typer.Option(metavar="pred|true|CLASS", help="Explain the predicted class, the true label, or a class index or name.")] = "pred",
+    layer: Annotated[list[str], typer.Option("--layer", "-l", metavar="NAME", help="Layer for layer-based methods, as listed by `cnnvis summary` (repeatable; default: the last conv stage).")] = [],
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the PNGs here instead of RUN/visualizations.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also log the pictures to the run's TensorBoard events.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    debug: Debug = False,
+) -> None:
+    """Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.
+
+    PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/.
+    """
+    from rich.table import Table
+
+    from cnnvis.run import load_run
+    from cnnvis.train import resolve_device
+    from cnnvis.visualize import Visualizer, dataset_images, file_images, parse_target
+
+    run = load_run(source, device=resolve_device(device))
+    batch = file_images(run, image) if image else dataset_images(run, split.value, images)
+    out_dir = out or run.run_dir / "visualizations"
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.run_dir))
+    try:
+        visualizer = Visualizer(run, batch, out_dir, parse_target(target, run.class_names), writer)
+        with console.status("drawing ...") as status:
+            visualizer.on_written = lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ...")
+            result = visualizer.run_methods([m.value for m in method], layer)
+    finally:
+        if writer is not None:
+            writer.close()
+    table = Table(title=f"{len(result.written)} picture(s) of {run.config.model.arch}, {run.checkpoint.name} (epoch {run.epoch})")
+    for column in ("method", "layer", "file", "shows", "seconds"):
+        table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
+    for w in result.written:
+        shown = w.path.relative_to(out_dir) if w.path.is_relative_to(out_dir) else w.path
+        table.add_row(w.method, w.layer or "-", str(shown), w.detail, f"{w.seconds:.1f}")
+    console.print(table)
+    for skipped in result.skipped:
+        err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
+    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
+    console.print(f"pictures in [bold]{escape(str(out_dir))}[/]{where}", soft_wrap=True)
 
 
 @app.command()

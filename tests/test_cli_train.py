@@ -87,7 +87,6 @@ def test_train_mnist_end_to_end(mnist_root, tmp_path):
             assert isinstance(row[key], (int, float)), key
     final = rows[-1]
     assert final["test_split"] == "test" and 0.0 <= final["test_accuracy"] <= 1.0
-    print("test accuracy", final["test_accuracy"])
     assert final["test_accuracy"] > 0.5, "two epochs on 1024 digits should beat chance by far"
 
     for name in ("last", "best"):

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cnnvis.vis.hooks import as_input, capture, check_images, default_layer
+from cnnvis.vis.hooks import _ELEMENTWISE, as_input, capture, check_images, default_layer
 
 
 def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | None = None) -> dict[str, Tensor]:
@@ -21,3 +21,28 @@ def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | 
     with capture(model, names) as cap:
         model(as_input(images, requires_grad=False))
         return {name: cap.value(name) for name in names}
+
+
+def _after_elementwise(items: list[tuple[str, nn.Module]], i: int) -> str:
+    """The last of the element-wise modules (BatchNorm, ReLU ...) right after ``items[i]``."""
+    while i + 1 < len(items) and isinstance(items[i + 1][1], _ELEMENTWISE):
+        i += 1
+    return items[i][0]
+
+
+def stage_layers(model: nn.Module, limit: int = 8) -> list[str]:
+    """Layers worth showing side by side, shallow to deep: the activation after every conv of a
+    flat conv stack (``features.2, features.6, ...`` for ``mnist_cnn``), or for a network built of
+    blocks (a ResNet) each top-level child that holds a conv (``relu, layer1 ... layer4``).
+    At most ``limit``; the deepest ones are kept."""
+    names: list[str] = []
+    children = list(model.named_children())
+    for i, (child_name, child) in enumerate(children):
+        if isinstance(child, nn.Conv2d):
+            names.append(_after_elementwise(children, i))
+        elif isinstance(child, nn.Sequential) and all(len(list(m.children())) == 0 for m in child):
+            items = list(child.named_children())
+            names += [f"{child_name}.{_after_elementwise(items, j)}" for j, (_, m) in enumerate(items) if isinstance(m, nn.Conv2d)]
+        elif any(isinstance(m, nn.Conv2d) for m in child.modules()):
+            names.append(child_name)
+    return names[-limit:] if names else [default_layer(model)]

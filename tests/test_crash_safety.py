@@ -1,0 +1,207 @@
+"""Nothing is lost when training is stopped for real (issue 5).
+
+``cnnvis train`` runs in a subprocess on a tiny generated image folder and is stopped from outside:
+Ctrl-C (SIGINT to its process group, as a terminal sends it) in the middle of an epoch, and SIGKILL
+in the middle of a checkpoint write and at a random moment. After each stop ``last.pt`` must load
+with plain ``torch.load(weights_only=True)``, and ``cnnvis train --resume`` must finish the run with
+every epoch counted once. No hook in the library slows training down for this: the test polls the
+run directory (``metrics.jsonl`` and the temp file ``save_checkpoint`` writes beside ``last.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+EPOCHS = 12
+POLL_S = 0.0005  # while waiting for a checkpoint write: it lasts a few milliseconds
+START_TIMEOUT_S = 60  # importing torch on a busy 2-core machine takes a while
+
+
+def write_config(path: Path, folder: Path, epochs: int) -> Path:
+    """Many tiny steps: 16x16 images, 2 a batch, one thread, no TensorBoard."""
+    config = {
+        "name": "crash",
+        "data": {"dataset": "imagefolder", "path": str(folder), "num_workers": 0, "batch_size": 2,
+                 "eval_batch_size": 64, "transforms": {"image_size": 16}},
+        "model": {"arch": "mnist_cnn"},
+        "scheduler": {"name": "step"},
+        "train": {"epochs": epochs, "log_every": 1},
+        "log": {"tensorboard": False},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Train:
+    """``cnnvis train ARGS`` in its own process group, output kept in files (a full pipe would block it)."""
+
+    count = 0
+
+    def __init__(self, tmp_path: Path, *args: object) -> None:
+        Train.count += 1
+        self.out_path = tmp_path / f"train{Train.count}.out"
+        self.err_path = tmp_path / f"train{Train.count}.err"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cnnvis", "train", *map(str, args), "--device", "cpu"],
+                stdout=out, stderr=err, cwd=tmp_path, env=env, start_new_session=True,
+            )
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"cnnvis train did not end within {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.out_path.read_text() + self.err_path.read_text()
+
+    def stderr(self) -> str:
+        return " ".join(self.err_path.read_text().split())
+
+    def wait_for(self, condition, what: str, timeout: float = START_TIMEOUT_S, poll: float = 0.01):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = condition()
+            if result:
+                return result
+            if not self.running():
+                pytest.fail(f"cnnvis train ended (exit {self.proc.returncode}) before {what}:\n{self.output()}")
+            time.sleep(poll)
+        self.signal(signal.SIGKILL)
+        pytest.fail(f"timed out waiting for {what}:\n{self.output()}")
+
+
+def run_dir_of(runs: Path) -> Path | None:
+    found = [p for p in runs.iterdir() if p.is_dir()] if runs.is_dir() else []
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def epochs_done(run: Path) -> int:
+    """Epoch lines in metrics.jsonl (a line cut by a kill is not counted)."""
+    done = 0
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "test_accuracy" not in row:
+            done = max(done, row["epoch"])
+    return done
+
+
+def temp_files(run: Path) -> list[str]:
+    return sorted(name for name in os.listdir(run / "checkpoints") if name.endswith(".tmp"))
+
+
+def loadable(run: Path, name: str = "last.pt") -> dict:
+    """The checkpoint as a stranger loads it: plain torch.load, weights only."""
+    payload = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+    assert payload["format"] == "cnnvis-checkpoint/1"
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+    return payload
+
+
+@pytest.fixture
+def config(tmp_path: Path, tiny_imagefolder) -> Path:
+    return write_config(tmp_path / "crash.yaml", tiny_imagefolder(classes=3, per_class=10), EPOCHS)
+
+
+def test_ctrl_c_mid_epoch_keeps_last_pt_and_prints_how_to_resume(tmp_path, config):
+    runs = tmp_path / "runs"
+    train = Train(tmp_path, config, "--runs-dir", runs)
+    run = train.wait_for(lambda: run_dir_of(runs), "the run directory")
+    train.wait_for(lambda: epochs_done(run) >= 1, "the end of epoch 1")
+    time.sleep(0.1)  # into epoch 2 (an epoch takes about half a second)
+    train.signal(signal.SIGINT)
+    assert train.wait(timeout=30) == 130, train.output()
+
+    err = train.stderr()
+    assert "Traceback" not in train.output(), train.output()
+    found = re.search(r"interrupted in epoch (\d+); checkpoints/last\.pt holds epoch (\d+)\. "
+                      r"resume with: cnnvis train --resume (\S+)", err)
+    assert found, err
+    stopped_in, held = int(found[1]), int(found[2])
+    assert Path(found[3]) == run.relative_to(tmp_path) or Path(found[3]) == run
+    assert held >= 1 and stopped_in == held + 1, err
+    assert loadable(run)["epoch"] == held
+    assert epochs_done(run) in (held, held + 1)  # the interrupted epoch may have logged before its save
+    assert not temp_files(run)
+
+
+def test_sigkill_at_any_moment_then_resume_finishes_the_run(tmp_path, config):
+    runs = tmp_path / "runs"
+    moments = []  # what each kill hit, for the failure message
+
+    # 1. SIGKILL in the middle of writing a checkpoint. Not the first write, made before training
+    #    starts: then there is no previous checkpoint to keep. A kill that lands just after the
+    #    rename is tried again in a resumed process (rare: a write takes milliseconds).
+    run, mid_write = None, False
+    for _ in range(3):
+        before = set(temp_files(run)) if run else set()  # stale files of an earlier kill are no new write
+        train = Train(tmp_path, "--resume", run) if run else Train(tmp_path, config, "--runs-dir", runs)
+        run = run or train.wait_for(lambda: run_dir_of(runs), "the run directory")
+        writing = train.wait_for(
+            lambda: (run / "checkpoints" / "last.pt").is_file() and set(temp_files(run)) - before,
+            "a checkpoint write", poll=POLL_S)
+        train.signal(signal.SIGKILL)
+        assert train.wait(timeout=30) == -signal.SIGKILL
+        mid_write = bool(set(temp_files(run)) & writing)  # still there: the rename had not happened
+        done = epochs_done(run)
+        moments.append(f"kill {len(moments) + 1}: {'during' if mid_write else 'just after'} writing "
+                       f"{sorted(writing)}, {done} epoch(s) logged")
+        assert loadable(run)["epoch"] in (done - 1, done), moments  # never half of a checkpoint
+        if mid_write:
+            break
+    assert mid_write, f"no kill landed inside a checkpoint write: {moments}"
+    stale = temp_files(run)
+
+    # 2. SIGKILL at a random moment of a resumed run: while it starts, trains, validates or saves.
+    resumed_from = loadable(run)["epoch"]
+    train = Train(tmp_path, "--resume", run)
+    train.wait_for(lambda: epochs_done(run) > resumed_from, "an epoch after resuming")
+    delay = random.uniform(0, 0.6)
+    time.sleep(delay)
+    train.signal(signal.SIGKILL)
+    assert train.wait(timeout=30) == -signal.SIGKILL
+    moments.append(f"kill {len(moments) + 1}: {delay:.3f} s after epoch {resumed_from + 1} ended")
+    assert loadable(run)["epoch"] >= resumed_from, moments
+
+    # 3. The last resume runs to the end: every epoch once, the checkpoint at the final epoch.
+    train = Train(tmp_path, "--resume", run)
+    assert train.wait() == 0, f"{moments}\n{train.output()}"
+    assert "Traceback" not in train.output()
+    assert "test accuracy" in " ".join(train.output().split())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows[:-1]] == list(range(1, EPOCHS + 1)), moments
+    assert "test_accuracy" in rows[-1] and rows[-1]["epoch"] == EPOCHS
+    last = loadable(run)
+    assert last["epoch"] == EPOCHS and last["global_step"] == rows[-2]["step"] == EPOCHS * (rows[0]["step"])
+    assert loadable(run, "best.pt")["epoch"] <= EPOCHS
+    print("\n".join(moments))  # shown with pytest -rP
+    assert not temp_files(run), f"temp files left behind: {temp_files(run)} (stale after the kills: {stale})"
