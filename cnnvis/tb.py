@@ -49,6 +49,8 @@ from torchvision.utils import make_grid
 from cnnvis.config import Config, config_to_dict, flatten
 from cnnvis.train import Listener, TrainState, amp_dtype
 from cnnvis.vis import render
+from cnnvis.vis.errors import UnsupportedModelError
+from cnnvis.vis.filters import filters, first_conv
 
 INPUT_IMAGES = 32  # training inputs shown at the start
 HISTOGRAM_BINS = 64
@@ -235,12 +237,12 @@ class TensorBoardListener(Listener):
                 )
 
     def _write_filters(self, state: TrainState) -> None:
-        found = first_conv(state.model)
-        if found is None:
+        try:
+            name = first_conv(state.model)
+        except UnsupportedModelError:
             self._failed.add("filters")  # nothing to show for this model, and nothing wrong either
             return
-        name, conv = found
-        grid = filter_grid(conv.weight)
+        grid = filter_grid(filters(state.model, name))
         self.writer.add_image(f"filters/{name}", grid, state.global_step, dataformats="CHW")
 
     def _write_misclassified(self, state: TrainState) -> None:
@@ -381,13 +383,6 @@ def _histogram_rows(tensors: Sequence[Tensor], bins: int) -> Tensor:
         stats = torch.stack([lo0.double(), hi0.double(), finite.sum().double(), xd.sum(), (xd * xd).sum(), (~finite).sum().double()])
         rows.append(torch.cat([stats, counts]))
     return torch.stack(rows).cpu()
-
-
-def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            return name, module
-    return None
 
 
 def filter_grid(weight: Tensor, max_filters: int = 64) -> Tensor:
