@@ -290,7 +290,10 @@ class Trainer:
     def save(self, which: Sequence[str] = ("last",)) -> None:
         payload = self._payload()
         with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
-            for name in which:
+            # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
+            # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
+            # best epoch last.pt records, or none at all.
+            for name in sorted(which, key=lambda n: n == "last"):
                 save_checkpoint(payload, self.run_dir / "checkpoints" / f"{name}.pt")
         self.saved_epoch = payload["epoch"]
 
@@ -381,19 +384,22 @@ class Trainer:
                         f"the validation loss became {val['loss']} after epoch {s.epoch + 1}, step {s.steps_per_epoch} "
                         f"(the weights are no longer finite)"
                     )
-                if self.scheduler_unit == "epoch":
-                    self.scheduler.step()
-                s.epoch += 1
-                record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr}
-                improved = val["accuracy"] > s.best_val_accuracy
-                if improved:
-                    s.best_val_accuracy, s.epochs_without_improvement = val["accuracy"], 0
-                else:
-                    s.epochs_without_improvement += 1
-                record["best_val_accuracy"] = s.best_val_accuracy
-                s.history.append(record)
-                _append_jsonl(self.run_dir / "metrics.jsonl", record)
-                self.save(["last", "best"] if improved else ["last"])
+                # From here to the saved checkpoint the epoch is counted: Ctrl-C waits, so that it
+                # never lands between the two and loses a finished epoch.
+                with interrupts_deferred():
+                    if self.scheduler_unit == "epoch":
+                        self.scheduler.step()
+                    s.epoch += 1
+                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr}
+                    improved = val["accuracy"] > s.best_val_accuracy
+                    if improved:
+                        s.best_val_accuracy, s.epochs_without_improvement = val["accuracy"], 0
+                    else:
+                        s.epochs_without_improvement += 1
+                    record["best_val_accuracy"] = s.best_val_accuracy
+                    s.history.append(record)
+                    _append_jsonl(self.run_dir / "metrics.jsonl", record)
+                    self.save(["last", "best"] if improved else ["last"])
                 self._emit("on_epoch_end", record)
                 patience = config.train.early_stopping
                 if patience and s.epochs_without_improvement >= patience:

@@ -154,54 +154,106 @@ def test_ctrl_c_mid_epoch_keeps_last_pt_and_prints_how_to_resume(tmp_path, confi
     assert not temp_files(run)
 
 
-def test_sigkill_at_any_moment_then_resume_finishes_the_run(tmp_path, config):
-    runs = tmp_path / "runs"
-    moments = []  # what each kill hit, for the failure message
+def assert_consistent_after_kill(run: Path, moments: list[str]) -> None:
+    """What a kill may leave: whole checkpoints only, last.pt at the last or the one before the last
+    logged epoch, and a best.pt at least as good as the best last.pt knows of."""
+    done = epochs_done(run)
+    last = loadable(run)  # never half of a checkpoint
+    assert last["epoch"] in (done - 1, done), moments
+    if last["best_val_accuracy"] >= 0:  # an epoch was validated: its best.pt must exist
+        assert (run / "checkpoints" / "best.pt").is_file(), f"last.pt records a best epoch but best.pt is missing: {moments}"
+        assert loadable(run, "best.pt")["best_val_accuracy"] >= last["best_val_accuracy"], moments
 
-    # 1. SIGKILL in the middle of writing a checkpoint. Not the first write, made before training
-    #    starts: then there is no previous checkpoint to keep. A kill that lands just after the
-    #    rename is tried again in a resumed process (rare: a write takes milliseconds).
-    run, mid_write = None, False
+
+def kill_while_writing(tmp_path: Path, start: tuple, run: Path | None, runs: Path, name: str, moments: list[str],
+                       epochs: int = 1) -> Path:
+    """Start ``cnnvis train START`` (or resume RUN) and SIGKILL it while it writes checkpoints/NAME
+    (seen by its temp file) at the end of epoch ``epochs`` or later. A kill that lands just after
+    the rename is tried again in a resumed process (rare: a write takes milliseconds)."""
+    prefix = f".{name}."
     for _ in range(3):
         before = set(temp_files(run)) if run else set()  # stale files of an earlier kill are no new write
-        train = Train(tmp_path, "--resume", run) if run else Train(tmp_path, config, "--runs-dir", runs)
+        train = Train(tmp_path, *start) if run is None else Train(tmp_path, "--resume", run)
         run = run or train.wait_for(lambda: run_dir_of(runs), "the run directory")
-        writing = train.wait_for(
-            lambda: (run / "checkpoints" / "last.pt").is_file() and set(temp_files(run)) - before,
-            "a checkpoint write", poll=POLL_S)
+        writing = train.wait_for(  # last.pt exists: not the first write, made before training starts
+            lambda: (run / "checkpoints" / "last.pt").is_file() and epochs_done(run) >= epochs
+            and {f for f in temp_files(run) if f.startswith(prefix)} - before,
+            f"a write of {name}", poll=POLL_S)
         train.signal(signal.SIGKILL)
         assert train.wait(timeout=30) == -signal.SIGKILL
         mid_write = bool(set(temp_files(run)) & writing)  # still there: the rename had not happened
-        done = epochs_done(run)
-        moments.append(f"kill {len(moments) + 1}: {'during' if mid_write else 'just after'} writing "
-                       f"{sorted(writing)}, {done} epoch(s) logged")
-        assert loadable(run)["epoch"] in (done - 1, done), moments  # never half of a checkpoint
+        moments.append(f"kill {len(moments) + 1}: {'during' if mid_write else 'just after'} the write of "
+                       f"{name} ({sorted(writing)}), {epochs_done(run)} epoch(s) logged")
+        assert_consistent_after_kill(run, moments)
         if mid_write:
-            break
-    assert mid_write, f"no kill landed inside a checkpoint write: {moments}"
+            return run
+    pytest.fail(f"no kill landed inside a write of {name}: {moments}")
+
+
+def test_sigkill_at_any_moment_then_resume_finishes_the_run(tmp_path, config):
+    runs = tmp_path / "runs"
+    moments: list[str] = []  # what each kill hit, for failure messages
+
+    # 1. SIGKILL while best.pt of epoch 1 is written (best.pt is written first, then last.pt), then
+    #    while a resumed run writes last.pt of its second epoch.
+    run = kill_while_writing(tmp_path, (config, "--runs-dir", runs), None, runs, "best.pt", moments)
+    resumed_from = loadable(run)["epoch"]
+    run = kill_while_writing(tmp_path, (), run, runs, "last.pt", moments, epochs=resumed_from + 2)
+    assert loadable(run)["epoch"] > resumed_from, f"the resumed run saved nothing: {moments}"
     stale = temp_files(run)
 
-    # 2. SIGKILL at a random moment of a resumed run: while it starts, trains, validates or saves.
+    # 2. SIGKILL at a random moment of a resumed run: while it trains, validates or saves.
     resumed_from = loadable(run)["epoch"]
+    saved = os.stat(run / "checkpoints" / "last.pt").st_ino
     train = Train(tmp_path, "--resume", run)
-    train.wait_for(lambda: epochs_done(run) > resumed_from, "an epoch after resuming")
-    delay = random.uniform(0, 0.6)
+    train.wait_for(lambda: os.stat(run / "checkpoints" / "last.pt").st_ino != saved, "a checkpoint after resuming")
+    delay = random.uniform(0, 0.6)  # about two epochs
     time.sleep(delay)
     train.signal(signal.SIGKILL)
     assert train.wait(timeout=30) == -signal.SIGKILL
-    moments.append(f"kill {len(moments) + 1}: {delay:.3f} s after epoch {resumed_from + 1} ended")
-    assert loadable(run)["epoch"] >= resumed_from, moments
+    moments.append(f"kill {len(moments) + 1}: {delay:.3f} s after last.pt of epoch {resumed_from + 1} was written")
+    assert_consistent_after_kill(run, moments)
+    assert loadable(run)["epoch"] > resumed_from, moments
 
-    # 3. The last resume runs to the end: every epoch once, the checkpoint at the final epoch.
+    # 3. The last resume runs to the end: every epoch once, the checkpoints agree with the metrics.
     train = Train(tmp_path, "--resume", run)
     assert train.wait() == 0, f"{moments}\n{train.output()}"
     assert "Traceback" not in train.output()
     assert "test accuracy" in " ".join(train.output().split())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows[:-1]] == list(range(1, EPOCHS + 1)), moments
-    assert "test_accuracy" in rows[-1] and rows[-1]["epoch"] == EPOCHS
-    last = loadable(run)
-    assert last["epoch"] == EPOCHS and last["global_step"] == rows[-2]["step"] == EPOCHS * (rows[0]["step"])
-    assert loadable(run, "best.pt")["epoch"] <= EPOCHS
+    epochs, final = rows[:-1], rows[-1]
+    assert [row["epoch"] for row in epochs] == list(range(1, EPOCHS + 1)), moments
+    assert "test_accuracy" in final and final["epoch"] == EPOCHS
+    last, best = loadable(run), loadable(run, "best.pt")
+    assert last["epoch"] == EPOCHS and last["global_step"] == epochs[-1]["step"] == EPOCHS * epochs[0]["step"]
+    top = max(row["val_accuracy"] for row in epochs)
+    assert best["epoch"] == next(row["epoch"] for row in epochs if row["val_accuracy"] == top), moments
+    assert best["best_val_accuracy"] == last["best_val_accuracy"] == final["best_val_accuracy"] == top
     print("\n".join(moments))  # shown with pytest -rP
     assert not temp_files(run), f"temp files left behind: {temp_files(run)} (stale after the kills: {stale})"
+
+
+def test_ctrl_c_between_an_epoch_and_its_checkpoint_waits_for_the_checkpoint(tmp_path, config, monkeypatch):
+    """A real SIGINT in the milliseconds after an epoch is logged and before its checkpoint is
+    written (too short a window to hit from outside): the finished epoch is saved, not lost."""
+    from typer.testing import CliRunner
+
+    from cnnvis import train as train_module
+    from cnnvis.cli import app
+
+    real_append = train_module._append_jsonl
+
+    def append_then_ctrl_c(path, row):
+        real_append(path, row)
+        if row.get("epoch") == 1 and "test_accuracy" not in row:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "_append_jsonl", append_then_ctrl_c)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["train", str(config), "--runs-dir", str(runs), "--device", "cpu", "--set", "train.epochs=2"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 130 and "Traceback" not in out, out
+    run = run_dir_of(runs)
+    assert f"interrupted in epoch 2; checkpoints/last.pt holds epoch 1. resume with: cnnvis train --resume {run}" in out
+    assert loadable(run)["epoch"] == 1 and loadable(run, "best.pt")["epoch"] == 1
+    assert epochs_done(run) == 1

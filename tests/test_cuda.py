@@ -65,8 +65,8 @@ def test_mixed_precision_training_learns_and_steps_once_per_batch(tmp_path, amp)
     assert next(run.model.parameters()).device.type == "cpu"
 
 
-def test_mnist_batches_live_on_the_gpu(shared_data):
-    config = build_config({"data": {"root": str(shared_data), "download": False, "subset": 512}})
+def test_mnist_batches_live_on_the_gpu(mnist_root):
+    config = build_config({"data": {"root": str(mnist_root), "download": False, "subset": 512}})
     from cnnvis.data import build_data
 
     bundle = build_data(config, "cuda")
