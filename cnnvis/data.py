@@ -85,13 +85,25 @@ def resolve_workers(num_workers: int | str) -> int:
 # ---------------------------------------------------------------- MNIST, on the device
 
 
-def _place_mnist_files(root: Path, download: bool) -> None:
+def _place_mnist_files(root: Path, download: bool) -> Path:
     """Make ``root/MNIST/raw`` hold the four uncompressed files, decompressing hand-placed ``.gz``.
 
     The ``.gz`` copies users place often differ byte-wise from the official archives, so their
     checksums are not trusted to decide anything: only the decompressed files are read.
+    Returns the root to read from: ``root``, or a copy in the user's cache when ``root`` is read-only.
     """
     raw = root / "MNIST" / "raw"
+    packed_only = [n for n in MNIST_FILES if not (raw / n).exists() and (raw / f"{n}.gz").exists()]
+    if packed_only and not os.access(raw, os.W_OK):
+        # A read-only data folder (shared lab storage): decompress into the user's cache instead.
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnvis"
+        (cache / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        for name in MNIST_FILES:
+            for suffix in ("", ".gz"):
+                source, copy = raw / f"{name}{suffix}", cache / "MNIST" / "raw" / f"{name}{suffix}"
+                if source.exists() and not copy.exists():
+                    shutil.copyfile(source, copy)
+        return _place_mnist_files(cache, download)
     for name in MNIST_FILES:
         target, packed = raw / name, raw / f"{name}.gz"
         if not target.exists() and packed.exists():
@@ -108,7 +120,7 @@ def _place_mnist_files(root: Path, download: bool) -> None:
             os.replace(tmp, target)
     missing = [name for name in MNIST_FILES if not (raw / name).exists()]
     if not missing:
-        return
+        return root
     if download and not _any_reachable(tv_datasets.MNIST.mirrors, PROBE_TIMEOUT_S):
         reason = "no download mirror answers (no network?)"
     elif download:
@@ -118,7 +130,7 @@ def _place_mnist_files(root: Path, download: bool) -> None:
         try:
             tv_datasets.MNIST(str(root), train=True, download=True)
             tv_datasets.MNIST(str(root), train=False, download=True)
-            return
+            return root
         except Exception as exc:  # network errors come in many types
             reason = f"download failed ({type(exc).__name__})"
         finally:
@@ -166,7 +178,7 @@ def _any_reachable(urls: Sequence[str], timeout: float) -> bool:
 
 def load_mnist_tensors(root: Path, download: bool = True) -> dict[str, tuple[Tensor, Tensor]]:
     """Decode MNIST once: ``{"train": (uint8[60000,28,28], int64[60000]), "test": ...}``."""
-    _place_mnist_files(root, download)
+    root = _place_mnist_files(root, download)
     out = {}
     for split, train in (("train", True), ("test", False)):
         ds = tv_datasets.MNIST(str(root), train=train, download=False)

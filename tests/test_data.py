@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +398,14 @@ def test_shared_flowers5_is_an_imagefolder(shared_data):
     sample = next((folder / "rose").iterdir())
     assert check_image(sample) is None
     assert load_rgb(sample).mode == "RGB"
+
+
+def test_mnist_gz_in_a_read_only_folder_is_decompressed_into_the_cache(fresh_mnist_root, tmp_path, monkeypatch, no_network):
+    raw = fresh_mnist_root / "MNIST" / "raw"
+    real_access = os.access
+    monkeypatch.setattr("cnnvis.data.os.access", lambda path, mode: False if Path(path) == raw else real_access(path, mode))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tensors = load_mnist_tensors(fresh_mnist_root, download=False)
+    assert tensors["train"][0].shape == (60000, 28, 28) and tensors["test"][1].shape == (10000,)
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f"{n}.gz" for n in MNIST_FILES), "wrote into the read-only folder"
+    assert (tmp_path / "cache" / "cnnvis" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
