@@ -161,10 +161,9 @@ def visualize(
             writer.close()
     table = Table(title=f"{len(result.written)} picture(s) of {run.config.model.arch}, {run.checkpoint.name} (epoch {run.epoch})")
     for column in ("method", "layer", "file", "shows", "seconds"):
-        table.add_column(column, justify="right" if column == "seconds" else "left", overflow="fold")
+        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column != "file")
     for w in result.written:
-        shown = w.path.relative_to(out_dir) if w.path.is_relative_to(out_dir) else w.path
-        table.add_row(w.method, w.layer or "-", str(shown), w.detail, f"{w.seconds:.1f}")
+        table.add_row(w.method, w.layer or "-", w.path.name, w.detail, f"{w.seconds:.1f}")
     console.print(table)
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
