@@ -114,15 +114,11 @@ class Split(str, Enum):
     test = "test"
 
 
-# The method choices come from the registry: no second list to keep in step.
-MethodName = Enum("MethodName", {name: name for name in method_names()}, type=str)
-
-
 @app.command()
 @friendly_errors
 def visualize(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
-    method: Annotated[list[MethodName], typer.Option("--method", "-m", metavar="NAME", help=f"Method to run (repeatable; default: all): {', '.join(method_names())}.")] = [],
+    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help=f"Method to run (repeatable; default: all): {', '.join(method_names())}.")] = [],
     images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
     image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
@@ -155,7 +151,7 @@ def visualize(
         visualizer = Visualizer(run, batch, out_dir, parse_target(target, run.class_names), writer)
         with console.status("drawing ...") as status:
             visualizer.on_written = lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ...")
-            result = visualizer.run_methods([m.value for m in method], layer)
+            result = visualizer.run_methods(method, layer)
     finally:
         if writer is not None:
             writer.close()
@@ -169,6 +165,106 @@ def visualize(
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
     console.print(f"pictures in [bold]{escape(str(out_dir))}[/]{where}", soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
+    explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC and the model randomization sanity check.")] = False,
+    images: Annotated[int, typer.Option("--images", "-n", help="With --explanations: fixed images of the split the maps are checked on.")] = 32,
+    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all).")] = [],
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last conv stage).")] = None,
+    steps: Annotated[int, typer.Option(help="With --explanations: deletion/insertion steps (points on each curve minus one).")] = 16,
+    wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = 16,
+    split: Annotated[Split, typer.Option(help="Which split to evaluate.")] = Split.test,
+    out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also log the pictures and tables to the run's TensorBoard events.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    debug: Debug = False,
+) -> None:
+    """Accuracy, per-class table, confusion matrix and confidently wrong images; --explanations: which maps to trust.
+
+    Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations).
+    """
+    from rich.table import Table
+
+    from cnnvis.evaluate import evaluate_command
+    from cnnvis.run import load_run
+    from cnnvis.train import resolve_device
+
+    run = load_run(source, device=resolve_device(device))
+    writer = None
+    if tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run.run_dir))
+    try:
+        with console.status("evaluating ...") as status:
+            outcome = evaluate_command(
+                run, split=split.value, wrong=wrong, out_dir=out, writer=writer, explanations=explanations,
+                images=images, methods=[m.value for m in method], layer=layer, steps=steps,
+                on_progress=lambda text: status.update(f"{escape(text)} ..."),
+            )
+    finally:
+        if writer is not None:
+            writer.close()
+    ev = outcome.evaluation
+    correct = round(ev.accuracy * ev.count)
+    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f} · "
+                        f"{run.config.model.arch}, {run.checkpoint.name} (epoch {run.epoch})")
+    for column in ("class", "images", "predicted", "precision", "recall", "F1", "accuracy\n(one vs rest)"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    number = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731 - NaN: undefined (e.g. a class never predicted)
+    for c in ev.per_class:
+        table.add_row(escape(c.name), str(c.support), str(c.predicted), number(c.precision), number(c.recall), number(c.f1), number(c.accuracy))
+    console.print(table)
+    if ev.wrong_count:
+        shown = ", ".join(f"{w.index} ({escape(ev.class_names[w.true])} → {escape(ev.class_names[w.predicted])} {w.probability:.0%})"
+                          for w in ev.confidently_wrong[:5])
+        console.print(f"{ev.wrong_count} misclassified; most confidently wrong: {shown}", soft_wrap=True)
+    report = outcome.faithfulness
+    if report is not None:
+        layers = sorted({r.layer for r in report.rows if r.layer})
+        table = Table(title=f"which map can I trust? {report.images} {ev.split} images, predicted class, {report.steps} steps"
+                            + (f", layer {', '.join(layers)}" if layers else ""))
+        for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "rand.\n|ρ| ↓", "SSIM", "sanity", "beats\nrandom"):
+            table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
+                             no_wrap=column == "method")
+        for r in report.rows:
+            table.add_row(str(r.rank), r.method, f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
+                          f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
+                          "[green]pass[/]" if r.passed else "[red]fail[/]", "yes" if r.beats_random else "no")
+        table.add_row("", "[dim]random order[/]", f"[dim]{report.random_deletion_auc:.3f}[/]", f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "")
+        table.caption = (f"deletion / insertion AUC: lower / higher is better. rand. |ρ|: mean |Spearman| between the maps of the "
+                         f"trained and the fully re-initialised model; above {report.threshold} fails the sanity check. "
+                         f"Ranked: passing first, then insertion − deletion.")
+        console.print(table)
+        for name, reason in report.skipped:
+            err_console.print(f"[yellow]skipped {name}:[/] {escape(reason)}", soft_wrap=True)
+    written = [outcome.files.metrics, outcome.files.per_class, outcome.files.confusion_matrix, outcome.files.confidently_wrong]
+    if outcome.faithfulness_files is not None:
+        written += [outcome.faithfulness_files.json, outcome.faithfulness_files.csv, outcome.faithfulness_files.curves]
+    names = ", ".join(p.name for p in written if p is not None)
+    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
+    console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
+
+
+@app.command()
+@friendly_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
+    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write the page here instead of RUN/report.html.")] = None,
+    debug: Debug = False,
+) -> None:
+    """Write one self-contained HTML page of a run (config, curves, metrics, evaluation, faithfulness, pictures)."""
+    from cnnvis.report import build_report
+
+    result = build_report(run_dir, out)
+    console.print(f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, {result.pictures} pictures; "
+                  f"opens from disk, no network)", soft_wrap=True)
+    for section, command in result.missing:
+        err_console.print(f"[yellow]note:[/] no {section.lower().rstrip('?')} section yet: {escape(command)}", soft_wrap=True)
 
 
 @app.command()

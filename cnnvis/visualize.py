@@ -167,10 +167,13 @@ class Visualizer:
         """Run ``methods`` (default: all registered). A method the model cannot support (CAM on a
         model without GAP + linear head) is skipped with a reason when it was not asked for by name."""
         explicit = methods is not None and len(methods) > 0
-        for name in (methods if explicit else list(METHODS)):
-            spec = get_method(name)
-            for layer in layers:
-                get_layer(self.run.model, layer)  # an unknown name fails before any work, listing the valid ones
+        names = list(dict.fromkeys(methods)) if explicit else list(METHODS)
+        for name in names:
+            get_method(name)  # an unknown name fails before any work, listing the valid ones
+        for layer in layers:
+            get_layer(self.run.model, layer)
+        for name in names:
+            spec = METHODS[name]
             try:
                 if spec.kind == "heatmap":
                     self._heatmaps(name, layers)

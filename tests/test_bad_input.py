@@ -609,6 +609,19 @@ def test_ctrl_c_mid_epoch_in_process(tmp_path, config, monkeypatch):
     assert weights_only(run / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+def test_ctrl_c_before_the_first_checkpoint(tmp_path, config, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    out = cli("train", config, "--runs-dir", tmp_path / "runs", code=130)
+    assert "interrupted in epoch 1, before the first checkpoint was written." in out and "resume" not in out
+    monkeypatch.setattr("cnnvis.train.build_data", interrupted)  # still loading the data
+    out = cli("train", config, "--runs-dir", tmp_path / "other", code=130)
+    assert out == "interrupted"
+    assert not (tmp_path / "other").exists()
+
+
 class FullDisk:
     """A file whose writes fail with ENOSPC after ``room`` bytes, as on a full disk."""
 
@@ -638,16 +651,18 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, config, monkeypatch):
     def fdopen(fd, *args, **kwargs):
         handle = real_fdopen(fd, *args, **kwargs)
         opened.append(fd)
-        return FullDisk(handle, room=4096) if len(opened) == 2 else handle  # the end of epoch 1
+        # 1: last.pt before training; the end of epoch 1: 2 best.pt, then 3 last.pt (the resume point)
+        return FullDisk(handle, room=4096) if len(opened) == 3 else handle
 
     monkeypatch.setattr(ckpt.os, "fdopen", fdopen)
     out = cli("train", config, "--set", "train.epochs=2", "--runs-dir", tmp_path / "runs", code=1)
     run = only_run(tmp_path / "runs")
     assert f"error: could not write checkpoint {run / 'checkpoints' / 'last.pt'}: No space left on device." in out
     assert "Free disk space or choose a writable --runs-dir; the previous checkpoint is intact." in out
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"], "a half-written file was left"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"], "a half-written file was left"
     last = weights_only(run / "checkpoints" / "last.pt")
     assert last["epoch"] == 0 and finite(last)
+    assert weights_only(run / "checkpoints" / "best.pt")["epoch"] == 1
 
 
 def test_disk_full_while_writing_metrics(tmp_path, config, monkeypatch):
@@ -660,6 +675,28 @@ def test_disk_full_while_writing_metrics(tmp_path, config, monkeypatch):
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=1)
     run = only_run(tmp_path / "runs")
     assert f"could not write {run / 'metrics.jsonl'}: No space left on device" in out
+    assert weights_only(run / "checkpoints" / "last.pt")["epoch"] == 0
+
+
+def test_run_dir_made_read_only_during_training(tmp_path, config, monkeypatch):
+    # Simulated (tests may run as root): the run's folder refuses new files after the first checkpoint.
+    runs = tmp_path / "runs"
+    real_mkstemp = ckpt.tempfile.mkstemp
+    made = []
+
+    def mkstemp(*args, **kwargs):
+        if runs in Path(kwargs.get("dir", "")).parents:
+            made.append(kwargs["dir"])
+            if len(made) > 1:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", mkstemp)
+    out = cli("train", config, "--set", "train.epochs=2", "--runs-dir", runs, code=1)
+    run = only_run(runs)
+    assert f"error: could not write checkpoint {run / 'checkpoints' / 'best.pt'}: Permission denied." in out
+    assert "Free disk space or choose a writable --runs-dir; the previous checkpoint is intact." in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
     assert weights_only(run / "checkpoints" / "last.pt")["epoch"] == 0
 
 

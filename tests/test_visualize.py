@@ -138,7 +138,7 @@ def test_bad_requests_get_one_line(run, tmp_path):
     out = invoke(run, "--layer", "features.99", code=2)
     assert "no layer 'features.99'" in out and "features.13" in out and "fc" in out
     out = invoke(run, "--method", "gradcamm", code=2)
-    assert "gradcamm" in out and "gradcam++" in out
+    assert "error: unknown visualisation method 'gradcamm'; choose one of: activations, filters" in out and "gradcam++" in out
     out = invoke(run, "--target", "tulip", code=2)
     assert "not pred, true, a class index or a class name" in out and "left, middle, right" in out
     out = invoke(run, "--target", "7", code=2)
