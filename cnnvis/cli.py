@@ -193,6 +193,8 @@ def evaluate(
     from cnnvis.run import load_run
     from cnnvis.train import resolve_device
 
+    if not explanations and (method or layer):
+        err_console.print("[yellow]note:[/] --method and --layer choose what --explanations checks; without it they are ignored")
     run = load_run(source, device=resolve_device(device))
     writer = None
     if tensorboard:
@@ -203,7 +205,7 @@ def evaluate(
         with console.status("evaluating ...") as status:
             outcome = evaluate_command(
                 run, split=split.value, wrong=wrong, out_dir=out, writer=writer, explanations=explanations,
-                images=images, methods=[m.value for m in method], layer=layer, steps=steps,
+                images=images, methods=list(method), layer=layer, steps=steps,
                 on_progress=lambda text: status.update(f"{escape(text)} ..."),
             )
     finally:
