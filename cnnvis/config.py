@@ -96,6 +96,9 @@ class OptimizerConfig(Section):
 class SchedulerConfig(Section):
     name: SchedulerName = "onecycle"
     pct_start: float = Field(0.25, gt=0, lt=1, description="onecycle: share of steps spent warming up")
+    first_cycle: int = Field(
+        0, ge=0, description="onecycle: epochs of a separate first cycle that ends annealed, so that an "
+        "accurate model exists early; the rest of the run is a second cycle (0: one cycle over the whole run)")
     step_size: int = Field(1, ge=1, description="step: epochs between decays")
     gamma: float = Field(0.7, gt=0, le=1, description="step: decay factor")
 
@@ -105,7 +108,7 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA")
-    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CUDA and CPU)")
     early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without a better val accuracy")
     log_every: int = Field(50, ge=1, description="training steps between per-step loss points")
 
