@@ -50,7 +50,7 @@ from torch.optim.lr_scheduler import StepLR  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 from cnnvis.config import load_config  # noqa: E402
-from cnnvis.data import build_data, data_root  # noqa: E402
+from cnnvis.data import _place_mnist_files, build_data, data_root  # noqa: E402
 from cnnvis.train import Listener, Trainer, evaluate  # noqa: E402
 
 
@@ -294,7 +294,8 @@ def main() -> None:
     if not os.environ.get("CNNVIS_DATA") and not Path(config.data.root).is_absolute():
         # The shipped configs give data.root relative to the repository root.
         config = load_config(args.config, [*overrides, f"data.root={(REPO / config.data.root).resolve()}"])
-    args.data_root = str(data_root(config.data))
+    # The same placed files the project reads (decompressed once; the example would download them).
+    args.data_root = str(_place_mnist_files(data_root(config.data), download=False))
     max_project = args.max_epochs_project or config.train.epochs
 
     cpu = (os.popen("lscpu | sed -n 's/^Model name: *//p'").read().strip() or "?") if device.type == "cpu" else torch.cuda.get_device_name(device)

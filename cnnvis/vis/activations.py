@@ -24,7 +24,11 @@ def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | 
 
 
 def _after_elementwise(items: list[tuple[str, nn.Module]], i: int) -> str:
-    """The last of the element-wise modules (BatchNorm, ReLU ...) right after ``items[i]``."""
+    """The last of the element-wise modules (BatchNorm, ReLU ...) right after ``items[i]``, looking
+    past a pooling layer that sits between the conv and them (conv, pool, BN, ReLU)."""
+    pooled = i + 2 < len(items) and isinstance(items[i + 1][1], (nn.MaxPool2d, nn.AvgPool2d))
+    if pooled and isinstance(items[i + 2][1], _ELEMENTWISE):
+        i += 1
     while i + 1 < len(items) and isinstance(items[i + 1][1], _ELEMENTWISE):
         i += 1
     return items[i][0]

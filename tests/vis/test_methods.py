@@ -112,3 +112,16 @@ def test_filters_are_a_copy_of_the_conv_weights() -> None:
     assert filters(model, "features.4").shape == (6, 6, 3, 3)
     with pytest.raises(UnsupportedModelError, match="not a Conv2d; conv layers: features.0, features.4"):
         filters(model, "features.1")
+
+
+def test_stage_layers_show_each_conv_block_after_its_activation() -> None:
+    from torch import nn
+
+    from cnnvis.models import build_model
+    from cnnvis.vis.activations import stage_layers
+
+    assert stage_layers(build_model("mnist_cnn", 10, 1)) == ["features.2", "features.6", "features.10", "features.13"]
+    assert stage_layers(build_model("mnist_classic", 10, 1)) == ["features.1", "features.3", "features.6"]
+    # conv, pool, BN, ReLU: the block's output is after the ReLU, not the raw conv output
+    pooled_first = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.MaxPool2d(2))
+    assert stage_layers(pooled_first) == ["3", "4"]
