@@ -126,6 +126,8 @@ class Pair:
     #: extras(fastest reference setting) -> sides timed alongside for information only (not in the ratio)
     extras: Callable[[Side], list[Side]] | None = None
     extra_sides: list[Side] = field(default_factory=list)
+    #: called once the pair is measured (removes the reference's hooks so later pairs run without them)
+    cleanup: Callable[[], None] | None = None
 
 
 def measure(side: Side, number: int, device: torch.device) -> Any:
@@ -231,7 +233,18 @@ def build_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, dev
 
     # (b) Grad-CAM, Grad-CAM++: pytorch-grad-cam returns ReLU'd, min-max normalised maps at input size
     for name, ours_fn, theirs_cls in (("Grad-CAM", gradcam, pgc.GradCAM), ("Grad-CAM++", gradcampp, pgc.GradCAMPlusPlus)):
-        cam = theirs_cls(model=model, target_layers=[layer])  # built once, as in their README; hooks stay on
+        # Built once at first use, as in their README; its hooks store the layer's activations on
+        # every forward pass until released, so it must not exist while other pairs run.
+        holder: dict[str, Any] = {}
+
+        def their_cam(theirs_cls=theirs_cls, holder=holder) -> np.ndarray:
+            if "cam" not in holder:
+                holder["cam"] = theirs_cls(model=model, target_layers=[layer])
+            return holder["cam"](input_tensor=x, targets=None)
+
+        def release(holder=holder) -> None:
+            if "cam" in holder:
+                holder.pop("cam").activations_and_grads.release()
 
         def cam_check(ours: torch.Tensor, theirs: np.ndarray, ours_fn=ours_fn) -> None:
             # their pipeline (ReLU, min-max + cv2 resize, min-max) on our raw layer-resolution map
@@ -244,8 +257,8 @@ def build_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, dev
             f"{name} ({layer_name})",
             Side(f"cnnvis {ours_fn.__name__} + normalize_maps",
                  lambda ours_fn=ours_fn: normalize_maps(ours_fn(model, x, "pred", layer_name), "minmax")),
-            [Side(f"pytorch-grad-cam {theirs_cls.__name__}", lambda cam=cam: cam(input_tensor=x, targets=None))],
-            cam_check, 1.0,
+            [Side(f"pytorch-grad-cam {theirs_cls.__name__}", their_cam)],
+            cam_check, 1.0, cleanup=release,
         ))
 
     # (c) integrated gradients: 50 Gauss-Legendre steps from a zero baseline
@@ -336,6 +349,8 @@ def main() -> None:
         pairs = [p for p in pairs if any(p.method.lower().startswith(o.lower()) for o in args.only)]
     for pair in pairs:
         run_pair(pair, args, device)
+        if pair.cleanup is not None:
+            pair.cleanup()
 
     rows = []
     for pair in pairs:
