@@ -9,7 +9,7 @@ import torch
 
 from cnnvis.checkpoint import load_checkpoint
 from cnnvis.config import build_config
-from cnnvis.train import OneCycles, make_scheduler
+from cnnvis.optim import OneCycles, make_scheduler
 
 
 def _trace(make, steps: int, optimizer_name: str = "adamw") -> list[tuple[float, float]]:
