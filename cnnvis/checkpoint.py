@@ -9,7 +9,6 @@ import os
 import pickle
 import re
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis.errors import CheckpointError, TrainingError
+from cnnvis.files import temp_file_beside
 
 FORMAT = "cnnvis-checkpoint/1"
 _PREFIXES = ("module.", "_orig_mod.")
@@ -51,8 +51,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a checkpoint is an ordinary file
+        fd, tmp = temp_file_beside(path)
         with os.fdopen(fd, "wb") as handle:
             writer = _WriteErrors(handle)
             try:
@@ -74,15 +73,6 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask cannot be read without setting it
 
 
 def _fsync_dir(folder: Path) -> None:

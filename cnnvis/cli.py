@@ -79,6 +79,12 @@ def train(
     listeners = [ProgressListener(console)]
     trainer = Trainer(cfg, runs_dir=runs_dir, name=name, device=device, resume=resume, listeners=listeners, overrides=set_ if resume else ())
     cfg = trainer.config
+    if trainer.finished is not None:  # nothing left to do: say so instead of testing it all again
+        trainer.close()
+        console.print(summary_table(trainer.state.history, trainer.finished))
+        err_console.print(f"[yellow]note:[/] {escape(str(trainer.run_dir))} already finished its {cfg.train.epochs} epochs; "
+                          f"nothing to train (to train for longer: --resume {escape(str(trainer.run_dir))} --set train.epochs=N)", soft_wrap=True)
+        return
     if trainer.data.skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in trainer.data.skipped[:20])
         more = f" and {len(trainer.data.skipped) - 20} more" if len(trainer.data.skipped) > 20 else ""
@@ -114,39 +120,36 @@ class Split(str, Enum):
     test = "test"
 
 
-@app.command()
+@app.command(help=(
+    "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
+    f"Methods: {', '.join(method_names())}.\n\n"
+    "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
+))
 @friendly_errors
 def visualize(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
-    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help=f"Method to run (repeatable; default: all): {', '.join(method_names())}.")] = [],
+    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="Method to run (repeatable; default: all; the list is above).")] = [],
     images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
     image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
     target: Annotated[str, typer.Option(metavar="pred|true|CLASS", help="Explain the predicted class, the true label, or a class index or name.")] = "pred",
     layer: Annotated[list[str], typer.Option("--layer", "-l", metavar="NAME", help="Layer for layer-based methods, as listed by `cnnvis summary` (repeatable; default: the last conv stage).")] = [],
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the PNGs here instead of RUN/visualizations.")] = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also log the pictures to the run's TensorBoard events.")] = True,
+    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     debug: Debug = False,
 ) -> None:
-    """Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.
-
-    PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/.
-    """
     from rich.table import Table
 
     from cnnvis.run import load_run
     from cnnvis.train import resolve_device
+    from cnnvis.tb import LazyWriter
     from cnnvis.visualize import Visualizer, dataset_images, file_images, parse_target
 
     run = load_run(source, device=resolve_device(device))
     batch = file_images(run, image) if image else dataset_images(run, split.value, images)
     out_dir = out or run.run_dir / "visualizations"
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run.run_dir))
+    writer = None if no_tensorboard else LazyWriter(run.run_dir)
     try:
         visualizer = Visualizer(run, batch, out_dir, parse_target(target, run.class_names), writer)
         with console.status("drawing ...") as status:
@@ -179,7 +182,7 @@ def evaluate(
     wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = 16,
     split: Annotated[Split, typer.Option(help="Which split to evaluate.")] = Split.test,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard", help="Also log the pictures and tables to the run's TensorBoard events.")] = True,
+    no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures and tables to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     debug: Debug = False,
 ) -> None:
@@ -191,16 +194,13 @@ def evaluate(
 
     from cnnvis.evaluate import evaluate_command
     from cnnvis.run import load_run
+    from cnnvis.tb import LazyWriter
     from cnnvis.train import resolve_device
 
     if not explanations and (method or layer):
         err_console.print("[yellow]note:[/] --method and --layer choose what --explanations checks; without it they are ignored")
     run = load_run(source, device=resolve_device(device))
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run.run_dir))
+    writer = None if no_tensorboard else LazyWriter(run.run_dir)
     try:
         with console.status("evaluating ...") as status:
             outcome = evaluate_command(

@@ -7,7 +7,6 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cnnvis.errors import ConfigError
+from cnnvis.files import atomic_write
 
 DatasetName = Literal["mnist", "flowers102", "imagefolder"]
 OptimizerName = Literal["sgd", "adam", "adamw", "adadelta"]
@@ -263,13 +263,9 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def save_config(config: Config, path: str | Path) -> None:
     """Write atomically (temp file + rename): a kill mid-write never leaves half a config."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode("utf-8"))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", "Free disk space or choose a writable --runs-dir.") from None
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 
 from cnnvis.errors import CheckpointError, DataError
 from cnnvis.evaluate import EVALUATION_DIR
+from cnnvis.files import atomic_write
 from cnnvis.run import read_metrics
 from cnnvis.vis import render
 from cnnvis.vis.registry import METHODS
@@ -278,9 +278,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     data_bytes = html.encode("utf-8")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data_bytes)
-        os.replace(tmp, path)
+        atomic_write(path, data_bytes)
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
     pictures = sum(p is not None for p in (curves, confusion, wrong, faith_curves)) + sum(len(g.pictures) for g in gallery)

@@ -512,3 +512,22 @@ def _class_tags(names: Sequence[str]) -> list[str]:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class LazyWriter:
+    """A ``SummaryWriter`` on ``log_dir`` that creates its events file at the first call, so a command
+    that fails before it logs anything leaves no empty events file in the run."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = str(log_dir)
+        self._writer: SummaryWriter | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._writer is None:
+            self._writer = SummaryWriter(self.log_dir)
+        return getattr(self._writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

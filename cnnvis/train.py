@@ -181,6 +181,8 @@ class Trainer:
             save_config(config, self.run_dir / "config.yaml")
         self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch)
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
+        #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
+        self.finished: dict[str, Any] | None = None
         if payload is not None:
             self._restore(payload)
             self.saved_epoch = self.state.epoch
@@ -254,10 +256,15 @@ class Trainer:
                 self.data.train.load_state_dict({"generator": rng["loader"]})
             elif getattr(self.data.train, "generator", None) is not None:
                 self.data.train.generator.set_state(rng["loader"])
+        rows = _read_jsonl(self.run_dir / "metrics.jsonl")
         # Lines after the checkpoint's epoch belong to work that is about to be redone.
-        history = [m for m in _read_jsonl(self.run_dir / "metrics.jsonl") if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
-        _write_jsonl(self.run_dir / "metrics.jsonl", history)
+        history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
         s.history = history
+        tested = [m for m in rows if "test_accuracy" in m and m.get("epoch") == s.epoch]
+        if tested and s.epoch >= self.config.train.epochs:
+            self.finished = tested[-1]
+        else:
+            _write_jsonl(self.run_dir / "metrics.jsonl", history)
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
         payload = self._payload()

@@ -138,6 +138,13 @@ def test_ctrl_c_then_resume_from_the_cli(tiny_imagefolder, tmp_path, monkeypatch
     assert [r["epoch"] for r in metrics(run) if "val_accuracy" in r] == [1, 2]
     assert "test_accuracy" in metrics(run)[-1]
 
+    # Resuming the finished run again: it says so and changes nothing.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["train", "--resume", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "already finished its 2 epochs; nothing to train" in " ".join(result.output.split())
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
 
 # ------------------------------------------------------------------ help and entry points
 

@@ -149,6 +149,18 @@ def test_bad_requests_get_one_line(run, tmp_path):
     assert "note.jpg: not an image" in out
     out = invoke(tmp_path / "nowhere", code=2)
     assert "nowhere" in out
+    assert not list(run.glob("events.out.tfevents*")), "a failed command left an empty TensorBoard events file"
+
+
+def test_pictures_are_ordinary_files_a_colleague_can_read(run):
+    import os
+    import stat
+
+    invoke(run, "-m", "saliency", "--images", "2", "--no-tensorboard")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (run / "visualizations" / "saliency").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 def test_a_run_with_no_checkpoint_yet(run):

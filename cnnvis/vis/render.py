@@ -25,7 +25,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from cnnvis.errors import CnnvisError
+from cnnvis.files import atomic_write
 
 __all__ = [
     "DEFAULT_CMAP",
@@ -977,22 +977,6 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_png(
     fig_or_bytes: Figure | bytes,
     path: str | os.PathLike[str],
@@ -1012,10 +996,10 @@ def save_png(
         raise ValueError("save_png needs a Figure or PNG bytes")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(p, data)
+        atomic_write(p, data)
         if sidecar is not None:
             text = json.dumps(to_jsonable(dict(sidecar)), indent=2, ensure_ascii=False, allow_nan=False)
-            _atomic_write(p.with_suffix(".json"), (text + "\n").encode("utf-8"))
+            atomic_write(p.with_suffix(".json"), (text + "\n").encode("utf-8"))
     except OSError as exc:
         raise CnnvisError(f"cannot write {p}: {exc.strerror or exc}") from None
     return p
