@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import struct
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -650,6 +651,8 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, config, monkeypatch):
 
     def fdopen(fd, *args, **kwargs):
         handle = real_fdopen(fd, *args, **kwargs)
+        if ".pt." not in os.readlink(f"/proc/self/fd/{fd}"):  # config.yaml and others use os.fdopen too
+            return handle
         opened.append(fd)
         # 1: last.pt before training; the end of epoch 1: 2 best.pt, then 3 last.pt (the resume point)
         return FullDisk(handle, room=4096) if len(opened) == 3 else handle
@@ -681,17 +684,17 @@ def test_disk_full_while_writing_metrics(tmp_path, config, monkeypatch):
 def test_run_dir_made_read_only_during_training(tmp_path, config, monkeypatch):
     # Simulated (tests may run as root): the run's folder refuses new files after the first checkpoint.
     runs = tmp_path / "runs"
-    real_mkstemp = ckpt.tempfile.mkstemp
+    real_mkstemp = tempfile.mkstemp
     made = []
 
     def mkstemp(*args, **kwargs):
-        if runs in Path(kwargs.get("dir", "")).parents:
+        if Path(kwargs.get("dir", "")).name == "checkpoints" and runs in Path(kwargs["dir"]).parents:
             made.append(kwargs["dir"])
             if len(made) > 1:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     out = cli("train", config, "--set", "train.epochs=2", "--runs-dir", runs, code=1)
     run = only_run(runs)
     assert f"error: could not write checkpoint {run / 'checkpoints' / 'best.pt'}: Permission denied." in out
@@ -723,14 +726,14 @@ def test_runs_dir_inside_a_file(tmp_path, config):
 
 
 def test_run_dir_not_writable_when_the_config_is_saved(tmp_path, config, monkeypatch):
-    real_write = Path.write_text
+    real_mkstemp = tempfile.mkstemp
 
-    def refuse(self, *args, **kwargs):
-        if self.name.endswith("config.yaml.tmp"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real_write(self, *args, **kwargs)
+    def refuse(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(".config.yaml."):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=2)
     assert "config.yaml: Permission denied" in out and "cannot write" in out
     assert not list((tmp_path / "runs").rglob("*.tmp"))
