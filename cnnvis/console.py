@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -72,9 +73,10 @@ class ProgressListener(Listener):
 
 
 def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:
-    table = Table(title="training summary")
+    # Light borders and unwrapped cells: the eight columns fit an 80-column terminal whole.
+    table = Table(title="training summary", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "seconds"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for row in history:
         table.add_row(
             str(row["epoch"]),
