@@ -142,8 +142,8 @@ def visualize(
     from rich.table import Table
 
     from cnnvis.run import load_run
-    from cnnvis.train import resolve_device
     from cnnvis.tb import LazyWriter
+    from cnnvis.train import resolve_device
     from cnnvis.visualize import Visualizer, dataset_images, file_images, parse_target
 
     run = load_run(source, device=resolve_device(device))
