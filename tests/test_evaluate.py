@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,7 @@ from cnnvis.run import load_run, read_metrics
 from evaluation_helpers import CLASSES, train_tiny_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second thread only adds overhead
 
 
 @pytest.fixture(scope="module")
