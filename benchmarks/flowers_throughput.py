@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from cnnvis.config import load_config  # noqa: E402
-from cnnvis.data import resolve_workers  # noqa: E402
-from cnnvis.train import Listener, Trainer  # noqa: E402
+from cnnvis.data.folders import resolve_workers  # noqa: E402
+from cnnvis.training.trainer import Listener, Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

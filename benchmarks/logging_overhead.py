@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from cnnvis.config import load_config  # noqa: E402
-from cnnvis.train import Listener, Trainer  # noqa: E402
+from cnnvis.training.trainer import Listener, Trainer  # noqa: E402
 
 
 class Clock(Listener):
@@ -64,7 +64,7 @@ def run(config_path: Path, overrides: list[str], logging: bool, device: str) -> 
     with tempfile.TemporaryDirectory() as runs:
         trainer = Trainer(config, runs_dir=runs, device=device)
         if config.log.tensorboard:
-            from cnnvis.tb import TensorBoardListener
+            from cnnvis.training.tensorboard import TensorBoardListener
 
             trainer.listeners.append(TensorBoardListener(trainer.run_dir, config))
         clock = Clock()

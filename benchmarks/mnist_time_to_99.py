@@ -9,7 +9,7 @@ Both sides train from their own seed and evaluate the 10 000 MNIST test digits a
 epoch; they stop at the first epoch whose test accuracy reaches ``--target`` (0.99). Only the
 training is timed (the test evaluations are not, on either side):
 
-* project: ``cnnvis.train.Trainer`` on the config, exactly as ``cnnvis train`` runs it (minus the
+* project: ``cnnvis.training.Trainer`` on the config, exactly as ``cnnvis train`` runs it (minus the
   progress bar and TensorBoard listeners; ``benchmarks/logging_overhead.py`` measures those).
   An epoch is timed from the trainer's epoch-start event to its epoch-end event, so the project's
   own per-epoch validation pass and checkpoint writes are inside the time; the start-up checkpoint
@@ -51,7 +51,8 @@ from torchvision import datasets, transforms  # noqa: E402
 
 from cnnvis.config import load_config  # noqa: E402
 from cnnvis.data import _place_mnist_files, build_data, data_root  # noqa: E402
-from cnnvis.train import Listener, Trainer, evaluate  # noqa: E402
+from cnnvis.training.loop import evaluate
+from cnnvis.training.trainer import Listener, Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -334,9 +334,10 @@ def main() -> None:
     model, model_what = load_model(args.checkpoint, device)
     x, inputs_what = load_inputs(args.images, args.data_root, device)
 
+    from importlib.metadata import version
+
     import captum
     import pytorch_grad_cam  # noqa: F401
-    from importlib.metadata import version
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, captum {captum.__version__}, grad-cam {version('grad-cam')}; "

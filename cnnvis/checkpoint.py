@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cnnvis.errors import CheckpointError, TrainingError
-from cnnvis.files import temp_file_beside
+from cnnvis.io import temp_file_beside
 
 FORMAT = "cnnvis-checkpoint/1"
 _PREFIXES = ("module.", "_orig_mod.")

@@ -10,7 +10,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape  # user text (paths, values) may hold "[...]", which rich reads as markup
+from rich.markup import (
+    escape,  # user text (paths, values) may hold "[...]", which rich reads as markup
+)
 
 from cnnvis.errors import CnnvisError
 from cnnvis.vis.registry import method_names
@@ -30,6 +32,19 @@ err_console = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
 
+#: the library names parameters; on the command line they are these flags
+FLAGS = {"split": "--split", "target": "--target", "device": "--device", "images": "--images", "wrong": "--wrong",
+         "method": "-m"}
+
+
+def error_line(exc: CnnvisError) -> str:
+    """The error as the CLI shows it: a message about a parameter names its flag instead."""
+    text = str(exc)
+    flag = FLAGS.get(exc.parameter or "")
+    if flag and text.startswith(f"{exc.parameter} "):
+        text = flag + text[len(exc.parameter):]
+    return text
+
 
 def friendly_errors(command: Callable) -> Callable:
     """Library errors become one red line and an exit status: 2 for bad input, 130 for Ctrl-C."""
@@ -44,7 +59,7 @@ def friendly_errors(command: Callable) -> Callable:
         except CnnvisError as exc:
             if debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug:
@@ -68,8 +83,8 @@ def train(
 ) -> None:
     """Train a model; writes runs/<name>-<time>/ with config, metrics, checkpoints and TensorBoard events."""
     from cnnvis.config import load_config
-    from cnnvis.console import ProgressListener, summary_table
-    from cnnvis.train import Trainer
+    from cnnvis.training.trainer import Trainer
+    from cnnvis.views import ProgressListener, summary_table
 
     if config is None and resume is None:
         raise CnnvisError("give a config file (cnnvis train configs/mnist.yaml) or --resume RUN_DIR")
@@ -90,7 +105,7 @@ def train(
         more = f" and {len(trainer.data.skipped) - 20} more" if len(trainer.data.skipped) > 20 else ""
         err_console.print(f"[yellow]warning:[/] skipped {len(trainer.data.skipped)} unreadable image(s): {escape(shown)}{more}", soft_wrap=True)
     if cfg.log.tensorboard:
-        from cnnvis.tb import TensorBoardListener
+        from cnnvis.training.tensorboard import TensorBoardListener
 
         trainer.listeners.append(TensorBoardListener(trainer.run_dir, cfg))
     try:
@@ -139,35 +154,30 @@ def visualize(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     debug: Debug = False,
 ) -> None:
-    from rich.table import Table
-
+    from cnnvis.commands.visualize import visualize_command
+    from cnnvis.device import resolve_device
     from cnnvis.run import load_run
-    from cnnvis.tb import LazyWriter
-    from cnnvis.train import resolve_device
-    from cnnvis.visualize import Visualizer, dataset_images, file_images, parse_target
+    from cnnvis.training.tensorboard import LazyWriter
+    from cnnvis.views import visualize_table
 
     run = load_run(source, device=resolve_device(device))
-    batch = file_images(run, image) if image else dataset_images(run, split.value, images)
-    out_dir = out or run.run_dir / "visualizations"
     writer = None if no_tensorboard else LazyWriter(run.run_dir)
     try:
-        visualizer = Visualizer(run, batch, out_dir, parse_target(target, run.class_names), writer)
         with console.status("drawing ...") as status:
-            visualizer.on_written = lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ...")
-            result = visualizer.run_methods(method, layer)
+            result = visualize_command(
+                run, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
+                out_dir=out, writer=writer,
+                on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
+            )
     finally:
         if writer is not None:
             writer.close()
-    table = Table(title=f"{len(result.written)} picture(s) of {run.config.model.arch}, {run.checkpoint.name} (epoch {run.epoch})")
-    for column in ("method", "layer", "file", "shows", "seconds"):
-        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column != "file")
-    for w in result.written:
-        table.add_row(w.method, w.layer or "-", w.path.name, w.detail, f"{w.seconds:.1f}")
-    console.print(table)
+    title = f"{len(result.written)} picture(s) of {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+    console.print(visualize_table(result, title))
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
-    console.print(f"pictures in [bold]{escape(str(out_dir))}[/]{where}", soft_wrap=True)
+    console.print(f"pictures in [bold]{escape(str(result.out_dir))}[/]{where}", soft_wrap=True)
 
 
 @app.command()
@@ -190,12 +200,11 @@ def evaluate(
 
     Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations).
     """
-    from rich.table import Table
-
-    from cnnvis.evaluate import evaluate_command
+    from cnnvis.commands.evaluate import evaluate_command
+    from cnnvis.device import resolve_device
     from cnnvis.run import load_run
-    from cnnvis.tb import LazyWriter
-    from cnnvis.train import resolve_device
+    from cnnvis.training.tensorboard import LazyWriter
+    from cnnvis.views import evaluation_table, faithfulness_table, worst_mistakes_line
 
     if not explanations and (method or layer):
         err_console.print("[yellow]note:[/] --method and --layer choose what --explanations checks; without it they are ignored")
@@ -212,36 +221,12 @@ def evaluate(
         if writer is not None:
             writer.close()
     ev = outcome.evaluation
-    correct = round(ev.accuracy * ev.count)
-    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f} · "
-                        f"{run.config.model.arch}, {run.checkpoint.name} (epoch {run.epoch})")
-    for column in ("class", "images", "predicted", "precision", "recall", "F1", "accuracy\n(one vs rest)"):
-        table.add_column(column, justify="left" if column == "class" else "right")
-    number = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731 - NaN: undefined (e.g. a class never predicted)
-    for c in ev.per_class:
-        table.add_row(escape(c.name), str(c.support), str(c.predicted), number(c.precision), number(c.recall), number(c.f1), number(c.accuracy))
-    console.print(table)
+    console.print(evaluation_table(ev, f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"))
     if ev.wrong_count:
-        shown = ", ".join(f"{w.index} ({escape(ev.class_names[w.true])} → {escape(ev.class_names[w.predicted])} {w.probability:.0%})"
-                          for w in ev.confidently_wrong[:5])
-        console.print(f"{ev.wrong_count} misclassified; most confidently wrong: {shown}", soft_wrap=True)
+        console.print(worst_mistakes_line(ev), soft_wrap=True)
     report = outcome.faithfulness
     if report is not None:
-        layers = sorted({r.layer for r in report.rows if r.layer})
-        table = Table(title=f"which map can I trust? {report.images} {ev.split} images, predicted class, {report.steps} steps"
-                            + (f", layer {', '.join(layers)}" if layers else ""))
-        for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "rand.\n|ρ| ↓", "SSIM", "sanity", "beats\nrandom"):
-            table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
-                             no_wrap=column == "method")
-        for r in report.rows:
-            table.add_row(str(r.rank), r.method, f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
-                          f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
-                          "[green]pass[/]" if r.passed else "[red]fail[/]", "yes" if r.beats_random else "no")
-        table.add_row("", "[dim]random order[/]", f"[dim]{report.random_deletion_auc:.3f}[/]", f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "")
-        table.caption = (f"deletion / insertion AUC: lower / higher is better. rand. |ρ|: mean |Spearman| between the maps of the "
-                         f"trained and the fully re-initialised model; above {report.threshold} fails the sanity check. "
-                         f"Ranked: passing first, then insertion − deletion.")
-        console.print(table)
+        console.print(faithfulness_table(report, ev.split))
         for name, reason in report.skipped:
             err_console.print(f"[yellow]skipped {name}:[/] {escape(reason)}", soft_wrap=True)
     written = [outcome.files.metrics, outcome.files.per_class, outcome.files.confusion_matrix, outcome.files.confidently_wrong]
@@ -260,9 +245,11 @@ def report(
     debug: Debug = False,
 ) -> None:
     """Write one self-contained HTML page of a run (config, curves, metrics, evaluation, faithfulness, pictures)."""
-    from cnnvis.report import build_report
+    from cnnvis.commands.report import build_report
 
     result = build_report(run_dir, out)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     console.print(f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, {result.pictures} pictures; "
                   f"opens from disk, no network)", soft_wrap=True)
     for section, command in result.missing:
@@ -278,53 +265,11 @@ def summary(
     debug: Debug = False,
 ) -> None:
     """Print the layer table: names exactly as --layer accepts them, output shapes, parameters, mult-adds."""
-    from rich.table import Table
+    from cnnvis.commands.summary import summarize_source
+    from cnnvis.views import layer_table
 
-    from cnnvis.summary import summarize
-
-    model, input_size, title = _model_for(source, set_)
-    result = summarize(model, input_size=input_size)
-    table = Table(title=title)
-    for column, justify in (("layer (--layer)", "left"), ("type", "left"), ("output", "left"),
-                            ("params", "right"), ("trainable", "left"), ("mult-adds", "right")):
-        table.add_column(column, justify=justify, no_wrap=column != "type")
-    for row in result:
-        if depth and row.depth > depth:
-            continue
-        shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-"
-        table.add_row("  " * (row.depth - 1) + row.name, row.type, shape, f"{row.num_params:,}", row.trainable,
-                      _short(row.mult_adds) if row.mult_adds else "-")
-    table.caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
-                     f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
-    console.print(table)
-
-
-def _short(count: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
-
-
-def _model_for(source: Path, overrides: list[str]):
-    """(model, input size, title) from a config file or a trained run."""
-    from cnnvis.config import load_config
-    from cnnvis.data import dataset_shape
-    from cnnvis.models import build_model
-    from cnnvis.run import load_run
-
-    if source.suffix in (".yaml", ".yml"):
-        cfg = load_config(source, overrides)
-        classes, channels, size = dataset_shape(cfg)
-        model = build_model(cfg.model.arch, classes, channels, size, freeze=cfg.model.freeze, dropout=cfg.model.dropout)
-        return model, (1, channels, size, size), f"{cfg.model.arch} ({source})"
-    run = load_run(source)
-    if run.config.model.freeze == "backbone":
-        from cnnvis.models import freeze_backbone
-
-        freeze_backbone(run.model)
-    size = (1, run.in_channels, run.image_size, run.image_size)
-    return run.model, size, f"{run.config.model.arch} ({run.checkpoint})"
+    result, title = summarize_source(source, set_)
+    console.print(layer_table(result, title, depth))
 
 
 @data_app.command("check")
@@ -335,20 +280,14 @@ def data_check(
     debug: Debug = False,
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""
-    from rich.table import Table
-
     from cnnvis.config import load_config
     from cnnvis.data import build_data
+    from cnnvis.views import split_sizes_table
 
     cfg = load_config(config, set_)
     bundle = build_data(cfg, "cpu")
     console.print(f"{cfg.data.dataset}: {bundle.num_classes} classes", soft_wrap=True)
-    table = Table()
-    table.add_column("split")
-    table.add_column("images", justify="right")
-    for split, count in bundle.sizes.items():
-        table.add_row(split, str(count))
-    console.print(table)
+    console.print(split_sizes_table(bundle))
     if bundle.skipped:
         # One plain line per file (no table): a long path stays whole, copyable and grep-able.
         console.print(f"[yellow]{len(bundle.skipped)} unreadable file(s), skipped:[/]")

@@ -7,15 +7,28 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from cnnvis.errors import ConfigError
-from cnnvis.files import atomic_write
+from cnnvis.io import atomic_write
+
+#: environment variable that points every config at one data folder (below overrides, above the file)
+DATA_ROOT_ENV = "CNNVIS_DATA"
+#: where ``data.root`` came from, strongest first
+RootSource = Literal["override", "environment", "config", "default"]
 
 DatasetName = Literal["mnist", "flowers102", "imagefolder"]
 OptimizerName = Literal["sgd", "adam", "adamw", "adadelta"]
@@ -44,7 +57,7 @@ class TransformConfig(Section):
 
 class DataConfig(Section):
     dataset: DatasetName = "mnist"
-    root: str = Field("data", description="data root; the CNNVIS_DATA environment variable overrides it")
+    root: str = Field("data", description="data root; the CNNVIS_DATA environment variable overrides the file's value")
     path: str | None = Field(None, description="imagefolder: folder of class sub-folders (absolute or under root)")
     download: bool = Field(True, description="download when the files are missing (needs internet)")
     val_size: int = Field(5000, ge=1, description="mnist: training digits held out for validation")
@@ -55,6 +68,16 @@ class DataConfig(Section):
     eval_batch_size: int = Field(1000, ge=1)
     num_workers: Union[int, Literal["auto"]] = "auto"
     transforms: TransformConfig = TransformConfig()
+    _root_source: RootSource = PrivateAttr("default")
+
+    @property
+    def root_source(self) -> RootSource:
+        """Where ``root`` came from: an override, ``CNNVIS_DATA``, the config file, or the default."""
+        return self._root_source
+
+    def __eq__(self, other: object) -> bool:
+        # where the root came from is provenance, not part of the value: a saved and reloaded config is equal
+        return isinstance(other, DataConfig) and self.model_dump() == other.model_dump()
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -239,22 +262,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
-    """Validate a raw mapping after applying ``key.path=value`` overrides."""
+    """Validate a raw mapping after applying ``key.path=value`` overrides.
+
+    ``data.root`` comes from, strongest first: an override, the ``CNNVIS_DATA`` environment
+    variable, the mapping, the default; ``config.data.root_source`` says which.
+    """
     raw = _deep_copy(raw)
     overridden = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_path(raw, key, value)
         overridden.add(key)
+    data = raw.get("data")
+    root_source: RootSource = "default"
+    if "data.root" in overridden:
+        root_source = "override"
+    elif os.environ.get(DATA_ROOT_ENV) and (data is None or isinstance(data, dict)):
+        raw["data"] = {**(data or {}), "root": os.environ[DATA_ROOT_ENV]}
+        root_source = "environment"
+    elif isinstance(data, dict) and "root" in data:
+        root_source = "config"
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         raise _describe(exc, source, frozenset(overridden)) from None
+    config.data._root_source = root_source
+    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a YAML config file."""
     return build_config(read_yaml(path), overrides, source=str(path))
+
+
+def data_root(data: DataConfig) -> Path:
+    """The folder data sets are read from (``data.root`` as :func:`build_config` resolved it)."""
+    return Path(data.root).expanduser()
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""Errors the library raises; the CLI turns each into one line and an exit status."""
+"""Every error the library raises; the CLI turns each into one line and an exit status.
+
+Messages name the library's parameters (``split``, ``target``, ``device`` ...); an error that is
+about one of them says which in ``parameter``, so the CLI can show it as its own flag.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,18 @@ class CnnvisError(Exception):
 
     exit_code: int = 2
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, parameter: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+        #: the parameter the message starts with (``"split 'x': choose val or test"``), if any
+        self.parameter = parameter
+
+    @property
+    def message(self) -> str:
+        return super().__str__()
 
     def __str__(self) -> str:
-        text = super().__str__()
+        text = self.message
         if not self.hint:
             return text
         # "message. Hint." reads as two sentences whether or not the message ends in a stop.
@@ -24,7 +34,7 @@ class CnnvisError(Exception):
 
 
 class ConfigError(CnnvisError):
-    """The config file or a --set override is invalid."""
+    """The config file, an override or an argument is invalid."""
 
 
 class DataError(CnnvisError):
@@ -41,10 +51,17 @@ class TrainingError(CnnvisError):
     exit_code = 1
 
 
-class TrainingInterrupted(Exception):
-    """Raised by the trainer after Ctrl-C, once ``last.pt`` is safely written."""
+class VisError(CnnvisError):
+    """A visualisation request that cannot be served as asked (bad target, bad parameter ...)."""
 
-    def __init__(self, run_dir: str, epoch: int) -> None:
-        super().__init__(f"interrupted in epoch {epoch}")
-        self.run_dir = run_dir
-        self.epoch = epoch
+
+class LayerNotFoundError(VisError):
+    """A layer name that is not a submodule of the model; the message lists the valid names."""
+
+
+class UnsupportedModelError(VisError):
+    """The method does not apply to this model (e.g. CAM without GAP + linear, no ReLU for guided backprop)."""
+
+
+class UnknownMethodError(VisError):
+    """A method name that is not in :data:`cnnvis.vis.registry.METHODS`."""

@@ -1,12 +1,13 @@
-"""Run directories: naming new runs, and rebuilding a trained model from one.
+"""The run directory, the contract between ``train`` and every later command: its paths, naming
+new runs, and rebuilding a trained model from one.
 
     runs/<name>-<YYYYmmdd-HHMMSS>/
-      config.yaml  metrics.jsonl  events.out.tfevents.*  checkpoints/{last,best}.pt  visualizations/
+      config.yaml  metrics.jsonl  events.out.tfevents.*  checkpoints/{last,best}.pt
+      visualizations/  evaluation/  report.html
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,23 @@ from torch import nn
 
 from cnnvis.checkpoint import load_checkpoint, load_model_state
 from cnnvis.config import Config, build_config
+from cnnvis.data.bundle import DataBundle, ImageSpec
 from cnnvis.errors import CheckpointError, ConfigError
+from cnnvis.io import JsonLines, read_jsonl
 from cnnvis.models import build_model
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+VISUALIZATIONS_DIR = "visualizations"
+EVALUATION_DIR = "evaluation"
+REPORT_FILE = "report.html"
+EVENT_FILE_GLOB = "events.out.tfevents.*"
+
+
+def checkpoint_path(run_dir: str | Path, which: str) -> Path:
+    """``RUN/checkpoints/<which>.pt`` (``which``: ``last`` or ``best``)."""
+    return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
 
 
 def create_run_dir(runs_dir: str | Path, name: str) -> Path:
@@ -29,7 +45,7 @@ def create_run_dir(runs_dir: str | Path, name: str) -> Path:
         candidate = runs_dir / (f"{name}-{stamp}" if attempt == 0 else f"{name}-{stamp}-{attempt}")
         try:
             candidate.mkdir(parents=True, exist_ok=False)
-            (candidate / "checkpoints").mkdir()
+            (candidate / CHECKPOINT_DIR).mkdir()
             return candidate
         except FileExistsError:
             continue
@@ -44,14 +60,14 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> tuple[Path, Pa
     if not path.exists():
         raise CheckpointError(f"no such run or checkpoint: {path}")
     if path.is_file():
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
         return run_dir, path
-    order = ["best.pt", "last.pt"] if prefer == "best" else ["last.pt", "best.pt"]
+    order = ["best", "last"] if prefer == "best" else ["last", "best"]
     for name in order:
-        candidate = path / "checkpoints" / name
+        candidate = checkpoint_path(path, name)
         if candidate.is_file():
             return path, candidate
-    if not (path / "config.yaml").is_file():
+    if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path} is not a cnnvis run (no config.yaml or checkpoints/)")
     if prefer == "last":  # resuming: the run stopped before its first checkpoint was written
         raise CheckpointError(f"{path} has no checkpoint yet: it stopped before training began.", "Start a new run instead.")
@@ -64,26 +80,30 @@ class LoadedRun:
 
     model: nn.Module
     config: Config
-    class_names: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    in_channels: int
-    image_size: int
+    spec: ImageSpec
     run_dir: Path
     checkpoint: Path
     epoch: int
     device: torch.device
 
+    @property
+    def architecture(self) -> str:
+        return self.config.model.arch
+
+    def data(self, device: torch.device | str | None = None, hint: str = "Use the data the run was trained on.") -> DataBundle:
+        """The run's own data, checked to still fit the model (same number of classes; else ``hint``)."""
+        from cnnvis.data import build_data
+
+        bundle = build_data(self.config, self.device if device is None else device)
+        bundle.check_fits(self.spec.class_names, self.checkpoint, hint)
+        return bundle
+
 
 def model_from_checkpoint(payload: dict[str, Any], config: Config, source: str) -> nn.Module:
-    meta = payload["meta"]
-    model = build_model(
-        config.model.arch,
-        num_classes=len(meta["class_names"]),
-        in_channels=int(meta["in_channels"]),
-        image_size=int(meta["image_size"]),
-        dropout=config.model.dropout,
-    )
+    """The model a checkpoint payload holds, rebuilt from ``config`` and its stored :class:`ImageSpec`."""
+    spec = ImageSpec.from_dict(payload["meta"])
+    model = build_model(config.model.arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                        image_size=spec.image_size, dropout=config.model.dropout)
     load_model_state(model, payload["model"], source)
     return model
 
@@ -95,24 +115,10 @@ def load_run(path: str | Path, device: torch.device | str = "cpu", prefer: str =
     payload = load_checkpoint(checkpoint, map_location="cpu")
     config = build_config(payload["config"], source=f"{checkpoint} (stored config)")
     model = model_from_checkpoint(payload, config, str(checkpoint)).to(device).eval()
-    meta = payload["meta"]
-    return LoadedRun(
-        model=model,
-        config=config,
-        class_names=list(meta["class_names"]),
-        mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]),
-        in_channels=int(meta["in_channels"]),
-        image_size=int(meta["image_size"]),
-        run_dir=run_dir,
-        checkpoint=checkpoint,
-        epoch=int(payload.get("epoch", 0)),
-        device=device,
-    )
+    return LoadedRun(model=model, config=config, spec=ImageSpec.from_dict(payload["meta"]), run_dir=run_dir,
+                     checkpoint=checkpoint, epoch=int(payload.get("epoch", 0)), device=device)
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(run_dir: str | Path) -> JsonLines:
+    """The records of ``RUN/metrics.jsonl``; a line cut by a kill is skipped and counted."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the project's shared data folder, tiny image folders, private MNIST copies."""
+"""Shared fixtures: the project's shared data folder, tiny image folders, private MNIST copies, and
+one tiny trained run (trained once per session; tests copy it before changing anything)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 import torch
+from cli_helpers import cli, make_images, only_run, write_config
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +110,30 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- one tiny trained run
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("images") / "folder")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, images: Path) -> Path:
+    """One finished 1-epoch run; tests copy it before changing anything."""
+    base = tmp_path_factory.mktemp("trained")
+    config = write_config(base / "tiny.yaml", images)
+    cli("train", config, "--runs-dir", base / "runs", code=0)
+    return only_run(base / "runs")
+
+
+@pytest.fixture
+def run_copy(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / trained.name))
+
+
+@pytest.fixture
+def config(tmp_path: Path, images: Path) -> Path:
+    return write_config(tmp_path / "tiny.yaml", images)

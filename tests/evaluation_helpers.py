@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from cnnvis.config import build_config
-from cnnvis.train import Trainer
+from cnnvis.training.trainer import Trainer
 
 CLASSES = ["left", "middle", "right"]
 SIZE = 20

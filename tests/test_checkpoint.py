@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from cnnvis import checkpoint as ckpt
-from cnnvis.checkpoint import FORMAT, load_checkpoint, load_model_state, save_checkpoint, strip_prefixes
+from cnnvis.checkpoint import (
+    FORMAT,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    strip_prefixes,
+)
 from cnnvis.errors import CheckpointError, TrainingError
 from cnnvis.models import build_model
 

@@ -19,7 +19,7 @@ from cnnvis.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-NO_TB = ["--set", "log.tensorboard=false"]  # TensorBoard logging is tested with cnnvis.tb
+NO_TB = ["--set", "log.tensorboard=false"]  # TensorBoard logging is tested in tests/training/test_tensorboard.py
 
 
 def write_config(path: Path, raw: dict) -> Path:
@@ -112,7 +112,7 @@ def test_two_runs_never_share_a_directory(tiny_imagefolder, tmp_path):
 
 
 def test_ctrl_c_then_resume_from_the_cli(tiny_imagefolder, tmp_path, monkeypatch):
-    from cnnvis.train import Trainer
+    from cnnvis.training.trainer import Trainer
 
     config = folder_config(tmp_path, tiny_imagefolder(classes=2, per_class=6))
     runs = tmp_path / "runs"
@@ -184,7 +184,7 @@ def test_device_cuda_without_cuda_exits_2_with_one_line(tmp_path):
     assert_no_traceback(result)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert "CUDA is not available" in lines[0] and "--device cpu" in lines[0]
+    assert "--device cuda: CUDA is not available" in lines[0] and "cpu or auto" in lines[0]
     assert not (tmp_path / "runs").exists(), "a run directory was created for a run that never started"
 
 
@@ -254,3 +254,19 @@ def test_brackets_in_paths_are_printed_verbatim(tmp_path):
     assert result.exit_code == 2, result.output
     assert str(missing) in result.stderr.replace("\n", "")
     assert_no_traceback(result)
+
+
+def test_set_data_root_beats_cnnvis_data_which_beats_the_file_and_the_header_says_which(tmp_path, images, monkeypatch):
+    from cli_helpers import cli
+    from cli_helpers import write_config as write_folder_config
+
+    config = write_folder_config(tmp_path / "c.yaml", Path(images.name))  # a relative path: read under data.root
+    monkeypatch.setenv("CNNVIS_DATA", str(tmp_path / "nowhere"))
+    out = cli("train", config, "--runs-dir", tmp_path / "runs", code=2)  # the environment beats the file's root
+    assert f"image folder not found: {tmp_path / 'nowhere' / images.name}" in out
+    out = cli("train", config, "--set", f"data.root={images.parent}", "--runs-dir", tmp_path / "runs", code=0)
+    assert f"from {images.parent} (data.root from --set)" in out  # --set beats the environment
+    monkeypatch.delenv("CNNVIS_DATA")
+    in_file = write_folder_config(tmp_path / "f.yaml", Path(images.name), data={"root": str(images.parent)})
+    out = cli("train", in_file, "--runs-dir", tmp_path / "runs", code=0)
+    assert f"from {images.parent} (data.root from the config)" in out

@@ -248,17 +248,17 @@ def test_ctrl_c_between_an_epoch_and_its_checkpoint_waits_for_the_checkpoint(tmp
     written (too short a window to hit from outside): the finished epoch is saved, not lost."""
     from typer.testing import CliRunner
 
-    from cnnvis import train as train_module
     from cnnvis.cli import app
+    from cnnvis.training import trainer as train_module
 
-    real_append = train_module._append_jsonl
+    real_append = train_module.append_jsonl
 
     def append_then_ctrl_c(path, row):
         real_append(path, row)
         if row.get("epoch") == 1 and "test_accuracy" not in row:
             os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train_module, "_append_jsonl", append_then_ctrl_c)
+    monkeypatch.setattr(train_module, "append_jsonl", append_then_ctrl_c)
     runs = tmp_path / "runs"
     result = CliRunner().invoke(app, ["train", str(config), "--runs-dir", str(runs), "--device", "cpu", "--set", "train.epochs=2"])
     out = " ".join(result.output.split())
@@ -272,8 +272,8 @@ def test_ctrl_c_between_an_epoch_and_its_checkpoint_waits_for_the_checkpoint(tmp
 def test_best_pt_is_written_before_last_pt(tmp_path, config, monkeypatch):
     """A SIGKILL between the two writes of an epoch then leaves best.pt ahead of last.pt (the
     resumed epoch writes it again), never last.pt recording a best epoch that best.pt lacks."""
-    from cnnvis import train as train_module
     from cnnvis.config import load_config
+    from cnnvis.training import trainer as train_module
 
     written = []
     real_save = train_module.save_checkpoint

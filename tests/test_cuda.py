@@ -14,7 +14,7 @@ from PIL import Image
 
 from cnnvis.config import build_config
 from cnnvis.run import load_run
-from cnnvis.train import Trainer
+from cnnvis.training.trainer import Trainer
 from cnnvis.vis import METHODS, run_method
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

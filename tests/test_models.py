@@ -8,7 +8,13 @@ from torch import nn
 
 from cnnvis.checkpoint import save_checkpoint
 from cnnvis.errors import CheckpointError, ConfigError
-from cnnvis.models import ARCHITECTURES, MnistCNN, build_model, freeze_backbone, head_module
+from cnnvis.models import (
+    ARCHITECTURES,
+    MnistCNN,
+    build_model,
+    freeze_backbone,
+    head_module,
+)
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 

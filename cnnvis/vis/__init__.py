@@ -10,7 +10,9 @@ Where things are:
 * ``registry.py``   -- ``METHODS`` (name -> :class:`MethodSpec`) and ``run_method(name, model, images, targets, layer, **params)``
 * ``hooks.py``      -- the shared helper: ``capture`` (forward hooks + gradients), ``model_state``,
   ``get_layer`` / ``default_layer`` / ``layer_names``, ``resolve_targets``
-* ``maps.py``       -- ``normalize_maps``, ``reduce_channels``, ``upsample``
+* ``maps.py``       -- ``normalize_maps`` (the one normalisation for display), ``reduce_channels``,
+  ``upsample``, ``gaussian_blur``
+* ``batching.py``   -- the one rule for how many samples go through the model per pass
 * ``activations.py`` feature maps        * ``filters.py``  conv weights
 * ``occlusion.py``  occlusion sensitivity (probability or logit drop, predicted class per position)
 * ``cam_base.py``   shared CAM computation; ``cam.py`` CAM, ``gradcam.py`` Grad-CAM,
@@ -18,31 +20,49 @@ Where things are:
 * ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``smoothgrad.py``,
   ``integrated_gradients.py``
 * ``maximize.py``   activation maximisation (class logit or layer channel)
-* ``errors.py``     ``VisError`` and subclasses (all ``CnnvisError``)
-* ``render.py``     drawing the results (separate module)
+
+Errors are :class:`cnnvis.errors.VisError` and its subclasses; drawing the results is :mod:`cnnvis.plots`.
 """
 
+from cnnvis.errors import (
+    LayerNotFoundError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    VisError,
+)
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
-from cnnvis.vis.errors import LayerNotFoundError, UnknownMethodError, UnsupportedModelError, VisError
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
 from cnnvis.vis.gradients import input_gradients
 from cnnvis.vis.guided_backprop import guided_backprop, guided_backprop_gradients
 from cnnvis.vis.guided_gradcam import guided_gradcam
-from cnnvis.vis.hooks import capture, default_layer, get_layer, layer_names, model_state, resolve_targets
+from cnnvis.vis.hooks import (
+    capture,
+    default_layer,
+    get_layer,
+    layer_names,
+    model_state,
+    resolve_targets,
+)
 from cnnvis.vis.integrated_gradients import integrated_gradients
-from cnnvis.vis.maps import normalize_maps, reduce_channels, upsample
+from cnnvis.vis.maps import gaussian_blur, normalize_maps, reduce_channels, upsample
 from cnnvis.vis.maximize import maximize
 from cnnvis.vis.occlusion import OcclusionMaps, occlusion, occlusion_maps
-from cnnvis.vis.registry import METHODS, MethodSpec, get_method, method_names, run_method
+from cnnvis.vis.registry import (
+    METHODS,
+    MethodSpec,
+    get_method,
+    method_names,
+    run_method,
+)
 from cnnvis.vis.saliency import saliency
 from cnnvis.vis.smoothgrad import smoothgrad
 
 __all__ = [
     "METHODS", "LayerNotFoundError", "MethodSpec", "OcclusionMaps", "UnknownMethodError", "UnsupportedModelError",
-    "VisError", "activations", "cam", "capture", "default_layer", "filters", "get_layer", "get_method", "gradcam",
+    "VisError", "activations", "cam", "capture", "default_layer", "filters", "gaussian_blur", "get_layer", "get_method", "gradcam",
     "gradcampp", "guided_backprop", "guided_backprop_gradients", "guided_gradcam", "input_gradients",
     "integrated_gradients", "layer_names", "maximize", "method_names", "model_state", "normalize_maps", "occlusion",
     "occlusion_maps", "reduce_channels", "resolve_targets", "run_method", "saliency", "smoothgrad", "upsample",

@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cnnvis.vis.hooks import _ELEMENTWISE, as_input, capture, check_images, default_layer
+from cnnvis.vis.hooks import (
+    _ELEMENTWISE,
+    as_input,
+    capture,
+    check_images,
+    default_layer,
+)
 
 
 def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | None = None) -> dict[str, Tensor]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from cnnvis.errors import UnsupportedModelError, VisError
 from cnnvis.vis.cam_base import weighted_map
-from cnnvis.vis.errors import UnsupportedModelError, VisError
 from cnnvis.vis.hooks import Targets, as_input, capture, check_images, resolve_targets
 
 _PASSTHROUGH = (nn.Dropout, nn.Flatten, nn.Identity)

@@ -14,8 +14,16 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import UnsupportedModelError
-from cnnvis.vis.hooks import Targets, as_input, capture, check_images, default_layer, resolve_targets, target_scores
+from cnnvis.errors import UnsupportedModelError
+from cnnvis.vis.hooks import (
+    Targets,
+    as_input,
+    capture,
+    check_images,
+    default_layer,
+    resolve_targets,
+    target_scores,
+)
 from cnnvis.vis.maps import upsample
 
 #: weights(activations [N,K,h,w], gradients [N,K,h,w]) -> channel weights [N,K]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import UnsupportedModelError
+from cnnvis.errors import UnsupportedModelError
 from cnnvis.vis.hooks import get_layer
 
 

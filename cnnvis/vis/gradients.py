@@ -5,21 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cnnvis.vis.hooks import Targets, as_input, check_images, model_state, resolve_targets, target_scores
-
-#: Default budget for batched methods: about this many input elements per forward/backward pass.
-INPUT_ELEMENTS_PER_BATCH = 2**20
-
-
-def auto_batch(images: Tensor, batch_size: int | None) -> int:
-    """``batch_size`` if given, else as many samples as fit ``INPUT_ELEMENTS_PER_BATCH`` (at least 1)."""
-    if batch_size is not None:
-        if int(batch_size) < 1:
-            from cnnvis.vis.errors import VisError
-
-            raise VisError(f"batch size must be >= 1, got {batch_size}")
-        return int(batch_size)
-    return max(1, INPUT_ELEMENTS_PER_BATCH // images[0].numel())
+from cnnvis.vis.hooks import (
+    Targets,
+    as_input,
+    check_images,
+    model_state,
+    resolve_targets,
+    target_scores,
+)
 
 
 def grad_of_targets(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:

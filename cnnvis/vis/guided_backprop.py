@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from cnnvis.vis.errors import UnsupportedModelError
+from cnnvis.errors import UnsupportedModelError
 from cnnvis.vis.gradients import input_gradients
 from cnnvis.vis.hooks import Targets
 from cnnvis.vis.maps import Reduce, reduce_channels

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
-from cnnvis.vis.errors import LayerNotFoundError, UnsupportedModelError, VisError
+from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
 
 #: What ``targets`` may be: ``"pred"`` (the model's argmax), one class index for every image,
 #: or one class index per image (list / tuple / 1-D integer tensor).

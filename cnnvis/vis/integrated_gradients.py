@@ -4,7 +4,7 @@
 
 a numerical integral of the gradient along the straight path from the baseline ``x'``. The
 nodes ``a_s`` and weights ``w_s`` are Captum's: Gauss-Legendre (default) or a Riemann rule. All
-(step, image) pairs are evaluated in batches of ``internal_batch_size``; results do not depend on it.
+(step, image) pairs are evaluated in batches of ``batch_size``; results do not depend on it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import VisError
-from cnnvis.vis.gradients import auto_batch, grad_of_targets
-from cnnvis.vis.hooks import Targets, as_input, check_images, model_state, predict, resolve_targets
+from cnnvis.errors import VisError
+from cnnvis.vis.batching import batch_size as batching_rule
+from cnnvis.vis.gradients import grad_of_targets
+from cnnvis.vis.hooks import (
+    Targets,
+    as_input,
+    check_images,
+    model_state,
+    predict,
+    resolve_targets,
+)
 from cnnvis.vis.maps import Reduce, reduce_channels
 
 METHODS = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -55,7 +63,7 @@ def integrated_gradients(
     baseline: float | Tensor = 0.0,
     steps: int = 50,
     method: str = "gausslegendre",
-    internal_batch_size: int | None = None,
+    batch_size: int | None = None,
     reduce: Reduce = "sum",
 ) -> Tensor:
     """Integrated-gradients heatmaps ``[N, H, W]``; signed, summed over channels by default.
@@ -75,7 +83,7 @@ def integrated_gradients(
         a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
         w = torch.tensor(weights, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
         n, total_pairs = x.shape[0], x.shape[0] * steps
-        batch = auto_batch(x, internal_batch_size)
+        batch = batching_rule(x, batch_size, backward=True)
         total = torch.zeros_like(x)
         t = resolve_targets(targets, predict(model, x))
         for start in range(0, total_pairs, batch):

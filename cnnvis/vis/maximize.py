@@ -16,29 +16,11 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import VisError
+from cnnvis.errors import VisError
 from cnnvis.vis.hooks import capture
-
-
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur per channel (reflect padding), radius ``ceil(2 sigma)``."""
-    if sigma <= 0:
-        return images
-    radius = max(1, int(2 * sigma + 0.999))
-    coords = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = images.shape[1]
-    pad = min(radius, images.shape[-1] - 1, images.shape[-2] - 1)
-    if pad < radius:
-        return images
-    out = F.conv2d(F.pad(images, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1),
-                   groups=c)
-    return F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1),
-                    groups=c)
+from cnnvis.vis.maps import gaussian_blur
 
 
 def maximize(
@@ -98,7 +80,7 @@ def maximize(
                                   stacklevel=2)
                 x = (1 - l2) * x.detach() + lr * grad / scale.clamp(min=1e-12)
                 if blur_every > 0 and (step + 1) % blur_every == 0:
-                    x = gaussian_blur(x, blur_sigma)
+                    x = gaussian_blur(x, blur_sigma, truncate=2.0)
                 if clamp is not None:
                     x = x.clamp(*clamp)
     return x.detach()

@@ -25,16 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import VisError
+from cnnvis.errors import VisError
+from cnnvis.vis.batching import batch_size as batching_rule
 from cnnvis.vis.hooks import Targets, check_images, model_state, resolve_targets
 
 Score = Literal["prob", "logit"]
-#: default forward batch: about this many input elements (capped at MAX_BATCH images). Smaller on the
-#: CPU, where a batch's activations then stay in cache: for mnist_cnn on one core 256-512 images per
-#: pass run about 1.3x faster than 1024 (benchmarks/vis_speed.py); GPUs want large batches.
-OCCLUSION_ELEMENTS_PER_BATCH = 2**20
-OCCLUSION_ELEMENTS_PER_BATCH_CPU = 2**18
-MAX_BATCH = 1024
 
 
 @dataclass
@@ -105,8 +100,7 @@ def occlusion_maps(
     ``window`` defaults to :func:`default_window`, ``stride`` to half the window. ``baseline`` is the
     fill value in normalised input space (scalar or tensor broadcastable to the images).
     ``batch_size`` is the number of occluded images per forward pass (Captum's
-    ``perturbations_per_eval`` times N); the default fills about 1 MB of input per pass on the CPU
-    and 4 MB on other devices.
+    ``perturbations_per_eval`` times N); the default is :func:`cnnvis.vis.batching.batch_size`'s.
     ``optimize=False`` runs the user's model as is instead of a fused copy.
     """
     check_images(model, images)
@@ -120,14 +114,8 @@ def occlusion_maps(
     if (sh > kh and kh < h) or (sw > kw and kw < w):
         raise VisError(f"occlusion stride {(sh, sw)} larger than the window {(kh, kw)} would leave pixels uncovered")
     nh, nw = math.ceil((h - kh) / sh) + 1, math.ceil((w - kw) / sw) + 1
-    positions, total = nh * nw, nh * nw * n
-    if batch_size is None:
-        budget = OCCLUSION_ELEMENTS_PER_BATCH_CPU if images.device.type == "cpu" else OCCLUSION_ELEMENTS_PER_BATCH
-        batch = max(1, min(MAX_BATCH, budget // (c * h * w)))
-    elif int(batch_size) >= 1:
-        batch = int(batch_size)
-    else:
-        raise VisError(f"occlusion batch_size must be >= 1, got {batch_size}")
+    total = nh * nw * n
+    batch = batching_rule(images, batch_size)
 
     dev = images.device
     with model_state(model, grad=False):

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cnnvis.errors import UnknownMethodError, VisError
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
-from cnnvis.vis.errors import UnknownMethodError, VisError
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -28,7 +28,7 @@ from cnnvis.vis.hooks import Targets, capture, check_images, predict, resolve_ta
 from cnnvis.vis.integrated_gradients import integrated_gradients
 from cnnvis.vis.maps import NormalizeMode
 from cnnvis.vis.maximize import maximize
-from cnnvis.vis.occlusion import occlusion
+from cnnvis.vis.occlusion import occlusion, occlusion_maps
 from cnnvis.vis.saliency import saliency
 from cnnvis.vis.smoothgrad import smoothgrad
 
@@ -46,10 +46,13 @@ class MethodSpec:
     needs_layer: bool  #: works on a layer (``layer=None`` picks a sensible default)
     accepts_layer: bool  #: a ``layer`` may be passed (maximize: optional channel objective)
     requires_gap_linear: bool  #: only for models ending in global average pooling + one linear layer
-    normalize: NormalizeMode | None  #: suggested ``maps.normalize_maps`` mode for display (heatmaps)
-    signed: bool  #: the default heatmap has meaningful negative values (draw with a diverging map)
+    #: the :func:`~cnnvis.vis.maps.normalize_maps` mode its heatmaps are drawn with (``signed``:
+    #: negative values mean something, drawn on a diverging colour map); None for other kinds
+    normalize: NormalizeMode | None
     runner: Runner = field(repr=False)
     defaults: Mapping[str, Any] = field(default_factory=dict)  #: parameters ``run_method`` accepts
+    #: runner of the method's full result, where it has more than its heatmap (occlusion: ``OcclusionMaps``)
+    detailed_runner: Runner | None = field(default=None, repr=False)
 
 
 def _keyword_defaults(fn: Callable[..., Any]) -> Mapping[str, Any]:
@@ -87,12 +90,12 @@ def _run_maximize(model: nn.Module, images: Tensor, targets: Targets, layer: str
 
 def _spec(name: str, fn: Callable[..., Any], kind: Kind, description: str, runner: Runner, *, needs_layer: bool,
           accepts_layer: bool | None = None, requires_gap_linear: bool = False,
-          normalize: NormalizeMode | None = None, signed: bool = False,
+          normalize: NormalizeMode | None = None, detailed_runner: Runner | None = None,
           exclude: tuple[str, ...] = ()) -> MethodSpec:
     defaults = MappingProxyType({k: v for k, v in _keyword_defaults(fn).items() if k not in exclude})
     return MethodSpec(name, fn, kind, description, needs_layer,
                       needs_layer if accepts_layer is None else accepts_layer,
-                      requires_gap_linear, normalize, signed, runner, defaults)
+                      requires_gap_linear, normalize, runner, defaults, detailed_runner)
 
 
 _SPECS = [
@@ -102,9 +105,9 @@ _SPECS = [
           lambda model, images, targets, layer: filters(model, layer), needs_layer=True),
     _spec("occlusion", occlusion, "heatmap",
           "drop in the target's probability when a square is covered (Zeiler & Fergus 2014)",
-          _no_layer(occlusion), needs_layer=False, normalize="maxabs", signed=True),
+          _no_layer(occlusion), needs_layer=False, normalize="signed", detailed_runner=_no_layer(occlusion_maps)),
     _spec("cam", cam, "heatmap", "class activation map from GAP features and head weights (Zhou et al. 2016)",
-          _no_layer(cam), needs_layer=False, requires_gap_linear=True, normalize="minmax", signed=True),
+          _no_layer(cam), needs_layer=False, requires_gap_linear=True, normalize="signed"),
     _spec("gradcam", gradcam, "heatmap", "layer activations weighted by pooled gradients (Selvaraju et al. 2017)",
           _with_layer(gradcam), needs_layer=True, normalize="minmax"),
     _spec("gradcam++", gradcampp, "heatmap", "Grad-CAM with higher-order pixel weights (Chattopadhay et al. 2018)",
@@ -121,7 +124,7 @@ _SPECS = [
           _no_layer(smoothgrad), needs_layer=False, normalize="maxabs"),
     _spec("integrated-gradients", integrated_gradients, "heatmap",
           "gradients integrated along a path from a baseline image (Sundararajan et al. 2017)",
-          _no_layer(integrated_gradients), needs_layer=False, normalize="maxabs", signed=True),
+          _no_layer(integrated_gradients), needs_layer=False, normalize="signed"),
     _spec("maximize", maximize, "images",
           "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009)",
           _run_maximize, needs_layer=False, accepts_layer=True, exclude=("layer", "device")),
@@ -149,9 +152,15 @@ def run_method(
     images: Tensor,
     targets: Targets = "pred",
     layer: str | None = None,
+    *,
+    detailed: bool = False,
     **params: Any,
 ) -> Any:
-    """Run method ``name`` with the common calling convention (see :class:`MethodSpec` for result kinds)."""
+    """Run method ``name`` with the common calling convention (see :class:`MethodSpec` for result kinds).
+
+    ``detailed=True`` returns the method's full result where it has one (occlusion: an
+    ``OcclusionMaps`` with the predicted class per window besides ``.heatmap``); otherwise the same.
+    """
     spec = get_method(name)
     unknown = sorted(set(params) - set(spec.defaults))
     if unknown:
@@ -160,5 +169,6 @@ def run_method(
     if layer is not None and not spec.accepts_layer:
         raise VisError(f"{name} does not work on a chosen layer; leave layer unset "
                        f"(layer-based methods: {', '.join(n for n, s in METHODS.items() if s.needs_layer)})")
-    return spec.runner(model, images, targets, layer, **params)
+    runner = spec.detailed_runner if detailed and spec.detailed_runner is not None else spec.runner
+    return runner(model, images, targets, layer, **params)
 

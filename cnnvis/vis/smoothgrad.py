@@ -12,9 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cnnvis.vis.errors import VisError
-from cnnvis.vis.gradients import auto_batch, grad_of_targets
-from cnnvis.vis.hooks import Targets, as_input, check_images, model_state, predict, resolve_targets
+from cnnvis.errors import VisError
+from cnnvis.vis.batching import batch_size as batching_rule
+from cnnvis.vis.gradients import grad_of_targets
+from cnnvis.vis.hooks import (
+    Targets,
+    as_input,
+    check_images,
+    model_state,
+    predict,
+    resolve_targets,
+)
 from cnnvis.vis.maps import Reduce, reduce_channels
 
 
@@ -46,7 +54,7 @@ def smoothgrad(
         sigma = (noise * (flat.amax(dim=1) - flat.amin(dim=1))).view(n, 1, 1, 1)
         gen = torch.Generator(device=x.device).manual_seed(int(seed))
         eps = torch.randn((samples, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
-        batch = auto_batch(x, batch_size)
+        batch = batching_rule(x, batch_size, backward=True)
         total = torch.zeros_like(x)
         t = resolve_targets(targets, predict(model, x))
         for start in range(0, n * samples, batch):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vis_helpers import FailingNet, TinyCNN, assert_untouched, mixed_state, snapshot
 
 from cnnvis.vis import METHODS, LayerNotFoundError, method_names, run_method
-from vis_helpers import FailingNet, TinyCNN, assert_untouched, mixed_state, snapshot
 
 NAMES = method_names()
 # small settings so the whole matrix stays fast; the defaults are exercised in test_registry

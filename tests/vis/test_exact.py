@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision.models import resnet18
+from vis_helpers import LinearMapNet, PlainNet, SignNet, randomize_batchnorm
 
 from cnnvis.vis import (
     cam,
@@ -16,7 +17,6 @@ from cnnvis.vis import (
     saliency,
     smoothgrad,
 )
-from vis_helpers import LinearMapNet, PlainNet, SignNet, randomize_batchnorm
 
 # LinearMapNet: A^0 = x, A^1 = 2x (1x1 conv), logits = W @ mean(A) + b
 W = [[1.0, 0.5], [-1.0, 2.0], [0.0, -3.0]]

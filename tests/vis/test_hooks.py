@@ -5,11 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
-from cnnvis.models import build_model
-from cnnvis.vis import LayerNotFoundError, VisError, activations, capture, default_layer, get_layer, resolve_targets
-from cnnvis.vis.errors import UnsupportedModelError
 from vis_helpers import TinyCNN, assert_untouched, mixed_state, snapshot
+
+from cnnvis.errors import UnsupportedModelError
+from cnnvis.models import build_model
+from cnnvis.vis import (
+    LayerNotFoundError,
+    VisError,
+    activations,
+    capture,
+    default_layer,
+    get_layer,
+    resolve_targets,
+)
 
 
 @pytest.mark.parametrize("arch, expected", [

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from cnnvis.vis import filters, integrated_gradients, maximize, occlusion_maps, smoothgrad
-from cnnvis.vis.errors import UnsupportedModelError, VisError
-from cnnvis.vis.maximize import gaussian_blur
 from vis_helpers import PlainNet, TinyCNN
+
+from cnnvis.errors import UnsupportedModelError, VisError
+from cnnvis.vis import (
+    filters,
+    integrated_gradients,
+    maximize,
+    occlusion_maps,
+    smoothgrad,
+)
+from cnnvis.vis.maps import gaussian_blur
 
 
 @pytest.fixture
@@ -19,8 +25,8 @@ def model() -> PlainNet:
 def test_integrated_gradients_batched_equals_one_at_a_time(model) -> None:
     images = torch.randn(3, 3, 8, 10)
     batched = integrated_gradients(model, images, [0, 1, 2], steps=16, reduce=None)  # all 48 in one pass
-    single = integrated_gradients(model, images, [0, 1, 2], steps=16, internal_batch_size=1, reduce=None)
-    odd = integrated_gradients(model, images, [0, 1, 2], steps=16, internal_batch_size=5, reduce=None)
+    single = integrated_gradients(model, images, [0, 1, 2], steps=16, batch_size=1, reduce=None)
+    odd = integrated_gradients(model, images, [0, 1, 2], steps=16, batch_size=5, reduce=None)
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(batched, odd, rtol=1e-5, atol=1e-7)
 

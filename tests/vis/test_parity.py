@@ -18,6 +18,7 @@ captum_attr = pytest.importorskip("captum.attr")
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from vis_helpers import PlainNet, randomize_batchnorm  # noqa: E402
 
 from cnnvis.vis import (  # noqa: E402
     gradcam,
@@ -27,7 +28,6 @@ from cnnvis.vis import (  # noqa: E402
     occlusion_maps,
     saliency,
 )
-from vis_helpers import PlainNet, randomize_batchnorm  # noqa: E402
 
 TARGETS = torch.tensor([0, 3, 1])
 # Captum's notes about setting requires_grad and ReLU hooks are expected here
@@ -77,7 +77,7 @@ def test_integrated_gradients_matches_captum(plain, images, method: str) -> None
     ref = captum_attr.IntegratedGradients(plain).attribute(
         images, baselines=baseline.expand_as(images), target=TARGETS, n_steps=20, method=method, internal_batch_size=7)
     ours = integrated_gradients(plain, images, TARGETS, baseline=baseline, steps=20, method=method,
-                                internal_batch_size=11, reduce=None)  # raw attributions, different chunking
+                                batch_size=11, reduce=None)  # raw attributions, different chunking
     close(ours, ref, atol=1e-5)
 
 

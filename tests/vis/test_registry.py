@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vis_helpers import TinyCNN
 
 from cnnvis.vis import METHODS, UnknownMethodError, VisError, gradcam, run_method
 from cnnvis.vis.registry import get_method
-from vis_helpers import TinyCNN
 
 
 def test_every_spec_is_complete() -> None:

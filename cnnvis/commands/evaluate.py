@@ -1,0 +1,378 @@
+"""How good is a trained run? Test-set metrics, a confusion matrix and the most confidently wrong images.
+
+The library behind ``cnnvis evaluate``. :func:`evaluate_run` computes (one pass over the split,
+on the run's device); :func:`write_evaluation` writes into the run::
+
+    RUN/evaluation/
+      metrics.json              accuracy, loss, per-class table, confusion counts, the wrong images
+      per_class.csv             class, support, predicted, precision, recall, f1, accuracy (one-vs-rest)
+      confusion_matrix.png      rows: true class, columns: predicted (+ .json sidecar)
+      confidently_wrong.png     the misclassified images with the highest predicted probability (+ .json)
+
+and, given a ``SummaryWriter``, the same pictures and the accuracy to the run's TensorBoard log
+under ``evaluate/...``. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cnnvis import plots
+from cnnvis.data import DataBundle, check_split
+from cnnvis.device import amp_dtype
+from cnnvis.errors import ConfigError, DataError
+from cnnvis.io import to_jsonable, write_csv, write_json
+from cnnvis.metrics.faithfulness import (
+    FaithfulnessReport,
+    faithfulness,
+    heatmap_methods,
+)
+from cnnvis.run import EVALUATION_DIR, LoadedRun
+from cnnvis.training.loop import predict_split
+from cnnvis.vis.hooks import get_layer
+
+DEFAULT_WRONG = 16  #: confidently wrong images shown
+
+
+@dataclass
+class ClassMetrics:
+    """One row of the per-class table.
+
+    ``accuracy`` is the one-vs-rest accuracy ``(TP + TN) / N`` of "is it this class?": the usual
+    "per-class accuracy" (correct / images of the class) is already the ``recall`` column.
+    Undefined ratios (a class never predicted has no precision) are NaN.
+    """
+
+    name: str
+    support: int  #: test images of this class
+    predicted: int  #: test images predicted as this class
+    precision: float
+    recall: float
+    f1: float
+    accuracy: float
+
+
+@dataclass
+class WrongImage:
+    index: int  #: position in the split (``test #index``)
+    true: int
+    predicted: int
+    probability: float  #: the predicted (wrong) class's softmax probability
+
+
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate_run` measured on one split."""
+
+    split: str
+    count: int
+    accuracy: float
+    loss: float
+    class_names: list[str]
+    confusion: Tensor  #: [k, k] int64; rows: true class, columns: predicted class
+    per_class: list[ClassMetrics]
+    wrong_count: int  #: all misclassified images of the split
+    confidently_wrong: list[WrongImage]  #: the most confident mistakes, most confident first
+    wrong_images: Tensor = field(repr=False)  #: [m, C, H, W] those images, normalised, on the CPU
+    checkpoint: str = ""
+    epoch: int = 0
+    architecture: str = ""
+
+    @property
+    def macro_f1(self) -> float:
+        values = [c.f1 for c in self.per_class if math.isfinite(c.f1)]
+        return sum(values) / len(values) if values else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (NaN becomes ``null`` through :func:`cnnvis.io.to_jsonable`)."""
+        names = self.class_names
+        return to_jsonable({
+            "split": self.split,
+            "images": self.count,
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "macro_f1": self.macro_f1,
+            "misclassified": self.wrong_count,
+            "class_names": names,
+            "per_class": self.per_class,
+            "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": self.confusion.tolist()},
+            "confidently_wrong": [
+                {"image": f"{self.split} #{w.index}", "index": w.index, "true": names[w.true],
+                 "predicted": names[w.predicted], "probability": w.probability}
+                for w in self.confidently_wrong
+            ],
+            "checkpoint": self.checkpoint,
+            "epoch": self.epoch,
+            "architecture": self.architecture,
+        })
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evaluation:
+        """The evaluation :meth:`to_dict` wrote (``metrics.json``; the images themselves are not in
+        it: ``wrong_images`` comes back empty). A missing field is a ``KeyError``."""
+        names = list(data["class_names"])
+        nan = float("nan")
+        number = lambda v: nan if v is None else float(v)  # noqa: E731 - null is how NaN was written
+        return cls(
+            split=data["split"], count=int(data["images"]), accuracy=float(data["accuracy"]), loss=number(data["loss"]),
+            class_names=names, confusion=torch.tensor(data["confusion_matrix"]["counts"], dtype=torch.int64),
+            per_class=[ClassMetrics(c["name"], int(c["support"]), int(c["predicted"]), number(c["precision"]),
+                                    number(c["recall"]), number(c["f1"]), number(c["accuracy"])) for c in data["per_class"]],
+            wrong_count=int(data["misclassified"]),
+            confidently_wrong=[WrongImage(int(w["index"]), names.index(w["true"]), names.index(w["predicted"]),
+                                          float(w["probability"])) for w in data["confidently_wrong"]],
+            wrong_images=torch.zeros(0), checkpoint=str(data.get("checkpoint", "")), epoch=int(data.get("epoch", 0)),
+            architecture=str(data.get("architecture", "")),
+        )
+
+
+@dataclass
+class EvaluationFiles:
+    metrics: Path
+    per_class: Path
+    confusion_matrix: Path
+    confidently_wrong: Path | None  #: None when nothing was misclassified
+
+
+# ----------------------------------------------------------------------------------- computing
+
+
+def confusion_matrix(targets: Tensor, predicted: Tensor, num_classes: int) -> Tensor:
+    """``[k, k]`` counts, rows: true class, columns: predicted class."""
+    k = num_classes
+    return torch.bincount(targets.long() * k + predicted.long(), minlength=k * k).reshape(k, k)
+
+
+def class_metrics(matrix: Tensor, class_names: list[str]) -> list[ClassMetrics]:
+    """Precision, recall, F1 and one-vs-rest accuracy of every class from a confusion matrix."""
+    m = matrix.double()
+    total = float(m.sum())
+    tp = m.diagonal()
+    support = m.sum(1)
+    predicted = m.sum(0)
+    nan = float("nan")
+    rows = []
+    for i, name in enumerate(class_names):
+        t, s, p = float(tp[i]), float(support[i]), float(predicted[i])
+        precision = t / p if p else nan
+        recall = t / s if s else nan
+        f1 = 2 * t / (s + p) if s + p else nan  # = harmonic mean of precision and recall, defined more often
+        tn = total - s - p + t
+        rows.append(ClassMetrics(name, int(s), int(p), precision, recall, f1, (t + tn) / total if total else nan))
+    return rows
+
+
+def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG, bundle: DataBundle | None = None) -> Evaluation:
+    """Accuracy, loss, confusion matrix, per-class metrics and the ``wrong`` most confident mistakes
+    of ``split``, with the same weights and mixed precision as the trainer's own test."""
+    if wrong < 0:
+        raise ConfigError(f"wrong {wrong}: give 0 or more", parameter="wrong")
+    check_split(split)
+    bundle = bundle or run.data()
+    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(run.config.train.amp, run.device))
+    if targets.numel() == 0:
+        raise DataError(f"the {split} split of {run.run_dir} is empty: nothing to evaluate")
+    names = list(run.spec.class_names)
+    k = len(names)
+    probs = logits.softmax(1)
+    confidence, predicted = probs.max(1)
+    matrix = confusion_matrix(targets, predicted, k)
+    mistakes = (predicted != targets).nonzero().flatten()
+    # Most confident first; the split order breaks ties so the pick is the same on every call.
+    order = mistakes[torch.argsort(-confidence[mistakes], stable=True)][:wrong].tolist()
+    dataset = bundle.eval_sets[split]  # indexed in the loader's (unshuffled) order
+    shown = [WrongImage(i, int(targets[i]), int(predicted[i]), float(confidence[i])) for i in order]
+    images = torch.stack([dataset[i][0] for i in order]).float() if order else torch.zeros(0)
+    return Evaluation(
+        split=split,
+        count=int(targets.numel()),
+        accuracy=float((predicted == targets).double().mean()),
+        loss=float(F.cross_entropy(logits, targets)),
+        class_names=names,
+        confusion=matrix,
+        per_class=class_metrics(matrix, names),
+        wrong_count=int(mistakes.numel()),
+        confidently_wrong=shown,
+        wrong_images=images,
+        checkpoint=str(run.checkpoint),
+        epoch=run.epoch,
+        architecture=run.architecture,
+    )
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path | None = None, writer: Any = None) -> EvaluationFiles:
+    """Write the files listed in the module docstring to ``out_dir`` (default ``RUN/evaluation``);
+    with ``writer`` (a ``SummaryWriter``) also the pictures and scalars to TensorBoard."""
+    ev = evaluation
+    out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
+    names = ev.class_names
+    where = f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+    common = {"split": ev.split, "checkpoint": ev.checkpoint, "epoch": ev.epoch, "architecture": ev.architecture}
+
+    # short title: the figure is sized by the class count and a long title would be cut off
+    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {ev.count} images")
+    confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / "confusion_matrix.png",
+                                   {**common, "rows": "true class", "columns": "predicted class",
+                                    "class_names": names, "counts": ev.confusion.tolist()})
+    wrong_png = None
+    if ev.confidently_wrong:
+        captions = [f"{ev.split} #{w.index}\n" + plots.format_caption(names[w.true], names[w.predicted], w.probability)
+                    for w in ev.confidently_wrong]
+        title = (f"the {len(ev.confidently_wrong)} most confidently wrong of {ev.wrong_count} misclassified "
+                 f"{ev.split} images · {where}")
+        png = plots.image_grid_figure(ev.wrong_images, captions, title, mean=run.spec.mean, std=run.spec.std,
+                                      columns=min(8, len(captions)), caption_colors=["#cf222e"] * len(captions))
+        wrong_png = plots.save_png(png, out / "confidently_wrong.png",
+                                   {**common, "images": ev.to_dict()["confidently_wrong"], "misclassified": ev.wrong_count})
+        if writer is not None:
+            writer.add_image("evaluate/confidently_wrong", plots.figure_to_tensor(png), run.epoch, dataformats="CHW")
+
+    rows = [[c.name, c.support, c.predicted, *(_csv_number(v) for v in (c.precision, c.recall, c.f1, c.accuracy))]
+            for c in ev.per_class]
+    try:
+        per_class = write_csv(out / "per_class.csv",
+                              ["class", "support", "predicted", "precision", "recall", "f1", "accuracy_one_vs_rest"], rows)
+        metrics = write_json(out / "metrics.json", ev.to_dict())
+    except OSError as exc:
+        raise DataError(f"cannot write the evaluation into {out}: {exc.strerror or exc}") from None
+
+    if writer is not None:
+        writer.add_image("evaluate/confusion_matrix", matrix_image, run.epoch, dataformats="CHW")
+        writer.add_scalar(f"evaluate/accuracy_{ev.split}", ev.accuracy, run.epoch)
+        writer.add_scalar(f"evaluate/loss_{ev.split}", ev.loss, run.epoch)
+    return EvaluationFiles(metrics, per_class, confusion_png, wrong_png)
+
+
+def _csv_number(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
+# ----------------------------------------------------------------------------------- which map to trust
+
+
+@dataclass
+class FaithfulnessFiles:
+    json: Path
+    csv: Path
+    curves: Path
+
+
+FAITHFULNESS_CSV_COLUMNS = ("rank", "method", "layer", "deletion_auc", "insertion_auc", "random_deletion_auc",
+                            "random_insertion_auc", "randomization_spearman", "randomization_ssim",
+                            "randomization_check", "beats_random")
+
+
+def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", count: int = 32, **options: Any) -> FaithfulnessReport:
+    """:func:`cnnvis.metrics.faithfulness` on ``count`` fixed images of the split (the same ones
+    ``cnnvis visualize`` draws), explaining the predicted class; returns its report with the
+    images, classes and checkpoint recorded in ``report.info``."""
+    fixed = bundle.fixed_batch(split, count)
+    report = faithfulness(run.model, fixed.images.to(run.device), "pred", **options)
+    names = list(run.spec.class_names)
+    report.info = {
+        "images_used": fixed.sources,
+        "true": [names[i] for i in fixed.labels.tolist()],
+        "explained": [names[i] for i in report.targets],
+        "class_names": names,
+        "checkpoint": str(run.checkpoint),
+        "epoch": run.epoch,
+        "architecture": run.architecture,
+        "device": str(run.device),
+    }
+    return report
+
+
+def write_faithfulness(report: FaithfulnessReport, out_dir: str | Path, writer: Any = None, step: int = 0,
+                       title: str = "") -> FaithfulnessFiles:
+    """``faithfulness.json`` (everything, curves and cascade steps included), ``faithfulness.csv``
+    (the ranked table) and ``faithfulness_curves.png`` in ``out_dir``; with ``writer`` (a
+    ``SummaryWriter``) the table as text and the curves as an image under ``evaluate/``."""
+    out = Path(out_dir)
+    png = plots.faithfulness_curves_figure(report, title)
+    curves_path = plots.save_png(png, out / "faithfulness_curves.png")
+    rows = [[r.rank, r.method, r.layer or "", f"{r.deletion_auc:.6g}", f"{r.insertion_auc:.6g}",
+             f"{report.random_deletion_auc:.6g}", f"{report.random_insertion_auc:.6g}",
+             f"{r.randomization.spearman:.6g}", f"{r.randomization.ssim:.6g}",
+             "pass" if r.passed else "fail", "yes" if r.beats_random else "no"] for r in report.rows]
+    try:
+        json_path = write_json(out / "faithfulness.json", report.to_dict())
+        csv_path = write_csv(out / "faithfulness.csv", FAITHFULNESS_CSV_COLUMNS, rows)
+    except OSError as exc:
+        raise DataError(f"cannot write the faithfulness table into {out}: {exc.strerror or exc}") from None
+    if writer is not None:
+        lines = ["| rank | method | deletion AUC ↓ | insertion AUC ↑ | randomization \\|ρ\\| ↓ | SSIM | check |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in report.rows:
+            lines.append(f"| {r.rank} | {r.method} | {r.deletion_auc:.3f} | {r.insertion_auc:.3f} | "
+                         f"{r.randomization.spearman:.2f} | {r.randomization.ssim:.2f} | {'pass' if r.passed else 'FAIL'} |")
+        lines.append(f"| | random order | {report.random_deletion_auc:.3f} | {report.random_insertion_auc:.3f} | | | |")
+        writer.add_text("evaluate/faithfulness", "\n".join(lines), step)
+        writer.add_image("evaluate/faithfulness_curves", plots.figure_to_tensor(png), step, dataformats="CHW")
+    return FaithfulnessFiles(json_path, csv_path, curves_path)
+
+
+# ----------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class EvaluateOutcome:
+    """Everything ``cnnvis evaluate`` computed and wrote."""
+
+    evaluation: Evaluation
+    files: EvaluationFiles
+    faithfulness: FaithfulnessReport | None = None  #: with ``explanations``
+    faithfulness_files: FaithfulnessFiles | None = None
+    out_dir: Path | None = None
+
+
+def evaluate_command(
+    run: LoadedRun,
+    *,
+    split: str = "test",
+    wrong: int = DEFAULT_WRONG,
+    out_dir: str | Path | None = None,
+    writer: Any = None,
+    explanations: bool = False,
+    images: int = 32,
+    methods: list[str] | None = None,
+    layer: str | None = None,
+    steps: int = 16,
+    on_progress: Callable[[str], None] | None = None,
+) -> EvaluateOutcome:
+    """What ``cnnvis evaluate`` does: metrics and pictures, then (``explanations``) the faithfulness
+    table, all written to ``out_dir`` (default ``RUN/evaluation``) and to ``writer``."""
+    progress = on_progress or (lambda text: None)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
+    check_split(split)
+    if explanations:  # fail on a bad option before the evaluation pass, not after it
+        if images < 1:
+            raise ConfigError(f"images {images}: give at least 1", parameter="images")
+        for name in methods or []:
+            if name not in heatmap_methods():
+                raise ConfigError(f"method {name}: not a heatmap method; the faithfulness checks apply to: "
+                                  f"{', '.join(heatmap_methods())}", parameter="method")
+        if layer is not None:
+            get_layer(run.model, layer)
+    progress("reading the data")
+    bundle = run.data()
+    progress(f"evaluating the {split} split")
+    evaluation = evaluate_run(run, split, wrong, bundle)
+    files = write_evaluation(evaluation, run, out, writer)
+    outcome = EvaluateOutcome(evaluation, files, out_dir=out)
+    if explanations:
+        report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress)
+        title = f"deletion and insertion on {report.images} {split} images · {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+        outcome.faithfulness = report
+        outcome.faithfulness_files = write_faithfulness(report, out, writer, run.epoch, title)
+    return outcome

@@ -1,0 +1,348 @@
+"""Every visualisation of a trained run, written as PNGs (+ JSON sidecars) and TensorBoard images.
+
+The library behind ``cnnvis visualize``: pick the images (fixed ones from the run's data, or the
+user's own files preprocessed exactly like evaluation), resolve the targets once, run each method
+of :data:`cnnvis.vis.METHODS` on the whole batch through :func:`~cnnvis.vis.registry.run_method`,
+and draw the results with :mod:`cnnvis.plots`, the drawing chosen by the method's kind.
+Computing stays in :mod:`cnnvis.vis`; this module only orchestrates.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from torch import Tensor
+
+from cnnvis import plots
+from cnnvis.data import eval_transform
+from cnnvis.data.images import load_rgb
+from cnnvis.errors import ConfigError, UnsupportedModelError
+from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun
+from cnnvis.vis.activations import stage_layers
+from cnnvis.vis.filters import first_conv
+from cnnvis.vis.hooks import default_layer, get_layer, model_state
+from cnnvis.vis.occlusion import OcclusionMaps
+from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
+
+DEFAULT_IMAGES = 8
+MAX_MAXIMIZE_CLASSES = 16  #: "the network's idea of each class", for up to this many classes
+SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start), kept in every sidecar
+
+
+@dataclass
+class ImageBatch:
+    """Normalised images as the model sees them, with where they came from."""
+
+    images: Tensor  #: [N, C, H, W], normalised like evaluation
+    labels: Tensor | None  #: [N] true classes, None for the user's own files
+    sources: list[str]  #: "test #123" or a file path, one per image
+
+
+@dataclass
+class Written:
+    """One file ``visualize`` wrote, for the summary table."""
+
+    method: str
+    layer: str | None
+    path: Path
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Skipped:
+    method: str
+    reason: str
+
+
+@dataclass
+class Result:
+    written: list[Written] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+
+def dataset_images(run: LoadedRun, split: str = "test", count: int = DEFAULT_IMAGES) -> ImageBatch:
+    """``count`` fixed images of the run's own data split (the same ones every call)."""
+    bundle = run.data("cpu", hint="Visualize with the data the run was trained on, or explain image files of your own.")
+    fixed = bundle.fixed_batch(split, count)
+    return ImageBatch(fixed.images, fixed.labels, fixed.sources)
+
+
+def file_images(run: LoadedRun, paths: Sequence[str | Path]) -> ImageBatch:
+    """The user's image files, preprocessed exactly like the run's evaluation images."""
+    spec = run.spec
+    transforms = run.config.data.transforms.model_copy(update={"image_size": spec.image_size})
+    if run.config.data.dataset == "mnist":  # digits were never resized: only a centre crop to 28 px
+        transforms = transforms.model_copy(update={"resize": None})
+    prepare = eval_transform(transforms, spec.mean, spec.std)
+    tensors = []
+    for path in paths:
+        image = load_rgb(path)
+        tensors.append(prepare(image.convert("L") if spec.in_channels == 1 else image))
+    return ImageBatch(torch.stack(tensors), None, [str(p) for p in paths])
+
+
+def parse_target(text: str, class_names: Sequence[str]) -> str | int:
+    """``pred``, ``true``, a class index or a class name -> "pred" / "true" / index."""
+    if text in ("pred", "true"):
+        return text
+    if text in class_names:
+        return list(class_names).index(text)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if 0 <= index < len(class_names):
+            return index
+        raise ConfigError(f"target {text}: class index out of range; the model has {len(class_names)} classes "
+                          f"(0..{len(class_names) - 1})", parameter="target")
+    shown = ", ".join(class_names[:20]) + (" ..." if len(class_names) > 20 else "")
+    raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", f"Classes: {shown}", parameter="target")
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+class Visualizer:
+    """Runs methods on one batch of images and writes their pictures.
+
+    ``on_written`` is called after each file (the CLI uses it for progress); ``writer`` is an
+    optional ``SummaryWriter`` that receives every picture as an image under ``visualize/...``.
+    """
+
+    def __init__(
+        self,
+        run: LoadedRun,
+        batch: ImageBatch,
+        out_dir: Path,
+        target: str | int = "pred",
+        writer: Any = None,
+        on_written: Callable[[Written], None] | None = None,
+    ) -> None:
+        self.run, self.batch, self.out_dir, self.writer = run, batch, Path(out_dir), writer
+        self.on_written = on_written or (lambda written: None)
+        self.result = Result(out_dir=self.out_dir)
+        self.images = batch.images.to(run.device)
+        self.target_spec = target
+        with torch.no_grad(), model_state(run.model, grad=False):
+            probs = F.softmax(run.model(self.images).float(), dim=1)
+        self.pred = probs.argmax(dim=1)
+        if target == "true":
+            if batch.labels is None:
+                raise ConfigError("target true needs images with known labels; your own files have none",
+                                  "Explain the predicted class or a named class instead.", parameter="target")
+            self.targets = batch.labels.to(run.device)
+        elif target == "pred":
+            self.targets = self.pred
+        else:
+            self.targets = torch.full_like(self.pred, int(target))
+        # one host copy of the few numbers the captions need
+        self.pred_list = self.pred.tolist()
+        self.target_list = self.targets.tolist()
+        self.pred_prob = probs.gather(1, self.pred[:, None])[:, 0].tolist()
+        self.target_prob = probs.gather(1, self.targets[:, None])[:, 0].tolist()
+
+    # ------------------------------------------------------------------ public entry
+
+    def run_methods(self, methods: Sequence[str] | None = None, layers: Sequence[str] = ()) -> Result:
+        """Run ``methods`` (default: all registered). A method the model cannot support (CAM on a
+        model without GAP + linear head) is skipped with a reason when it was not asked for by name."""
+        explicit = methods is not None and len(methods) > 0
+        names = list(dict.fromkeys(methods)) if explicit else list(METHODS)
+        for name in names:
+            get_method(name)  # an unknown name fails before any work, listing the valid ones
+        for layer in layers:
+            get_layer(self.run.model, layer)
+        draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
+                "images": self._maximize}
+        for name in names:
+            spec = METHODS[name]
+            try:
+                draw[spec.kind](spec, layers)
+            except UnsupportedModelError as exc:
+                if explicit:
+                    raise
+                self.result.skipped.append(Skipped(name, str(exc)))
+        return self.result
+
+    # ------------------------------------------------------------------ captions and output
+
+    def _name(self, index: int) -> str:
+        return self.run.spec.class_names[index]
+
+    def _captions(self) -> tuple[list[str], list[str | None]]:
+        captions, colors = [], []
+        labels = self.batch.labels.tolist() if self.batch.labels is not None else None
+        for i, pred in enumerate(self.pred_list):
+            true = self._name(labels[i]) if labels is not None else None
+            target = self.target_list[i]
+            caption = plots.format_caption(true, self._name(pred), self.pred_prob[i])
+            if target != pred:
+                caption += f" · map for {self._name(target)} {plots.format_caption(prob=self.target_prob[i])}"
+            captions.append(caption)
+            colors.append(None if labels is None else ("#1a7f37" if labels[i] == pred else "#cf222e"))
+        return captions, colors
+
+    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {
+            "method": method,
+            "layer": layer,
+            "target": self.target_spec,
+            "targets": [self._name(t) for t in self.target_list],
+            "target_probability": self.target_prob,
+            "predicted": [self._name(p) for p in self.pred_list],
+            "predicted_probability": self.pred_prob,
+            "true": None if self.batch.labels is None else [self._name(t) for t in self.batch.labels.tolist()],
+            "images": self.batch.sources,
+            "parameters": parameters,
+            "seed": SEED,
+            "checkpoint": str(self.run.checkpoint),
+            "epoch": self.run.epoch,
+            "architecture": self.run.architecture,
+            **extra,
+        }
+
+    def _write(self, png: bytes, method: str, layer: str | None, stem: str, sidecar: dict[str, Any],
+               detail: str, started: float) -> None:
+        path = plots.save_png(png, self.out_dir / method / f"{stem}.png", sidecar)
+        if self.writer is not None:
+            tag = f"visualize/{method}" + (f"/{layer}" if layer else "") + (f"/{stem}" if stem != (layer or method) else "")
+            self.writer.add_image(tag, plots.figure_to_tensor(png), self.run.epoch, dataformats="CHW")
+        written = Written(method, layer, path, detail, time.perf_counter() - started)
+        self.result.written.append(written)
+        self.on_written(written)
+
+    def _title(self, label: str, layer: str | None) -> str:
+        where = f" · layer {layer}" if layer else ""
+        return f"{label}{where} · {self.run.architecture}, {self.run.checkpoint.name} (epoch {self.run.epoch})"
+
+    # ------------------------------------------------------------------ one drawing per kind of result
+
+    def _heatmaps(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        chosen = (list(layers) or [default_layer(self.run.model)]) if spec.needs_layer else [None]
+        params = {"seed": SEED} if "seed" in spec.defaults else {}
+        captions, colors = self._captions()
+        mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
+        for layer in chosen:
+            started = time.perf_counter()
+            result = run_method(spec.name, self.run.model, self.images, self.targets, layer, detailed=True, **params)
+            details = result if isinstance(result, OcclusionMaps) else None
+            maps = details.heatmap if details is not None else result
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a constant map is drawn flat; the raw range is printed under it
+                png = plots.heatmap_figure(
+                    self.batch.images, maps.detach().float().cpu(), mean=self.run.spec.mean, std=self.run.spec.std,
+                    captions=captions, caption_colors=colors, title=self._title(spec.description, layer),
+                    map_label=spec.name, normalize=mode,
+                )
+            parameters = {**spec.defaults, **params}
+            if details is not None:
+                parameters |= {"window": list(details.window), "stride": list(details.stride)}
+            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode)
+            self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
+            if details is not None:
+                self._occlusion_classes(details, captions, colors, parameters)
+
+    def _occlusion_classes(self, found: OcclusionMaps, captions: list[str], colors: list[str | None],
+                           parameters: dict[str, Any]) -> None:
+        """Which class the model predicts while each window is covered, as a colour per position."""
+        started = time.perf_counter()
+        predicted = found.predicted.cpu()
+        names = self.run.spec.class_names
+        palette = colormaps["tab20" if len(names) > 10 else "tab10"]
+        colours = torch.tensor([palette(i % palette.N)[:3] for i in range(len(names))], dtype=torch.float32)
+        h, w = self.batch.images.shape[-2:]
+        painted = colours[predicted].permute(0, 3, 1, 2)  # [N, 3, nh, nw]
+        painted = F.interpolate(painted, size=(h, w), mode="nearest")
+        shown = plots.to_rgb(plots.denormalize(self.batch.images, self.run.spec.mean, self.run.spec.std))
+        blended = 0.45 * shown + 0.55 * painted
+        lines = []
+        for i, caption in enumerate(captions):
+            classes, counts = predicted[i].flatten().unique(return_counts=True)
+            order = counts.argsort(descending=True)[:3]
+            share = ", ".join(f"{self._name(int(classes[j]))} {int(counts[j]) / predicted[i].numel():.0%}" for j in order)
+            lines.append(f"{caption}\npredicted while covered: {share}")
+        png = plots.image_grid_figure(blended, lines, self._title("class predicted with each window covered", None),
+                                      caption_colors=colors, columns=4)
+        sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
+            [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
+        ])
+        self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)
+
+    def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        names = list(layers) or stage_layers(self.run.model)
+        started = time.perf_counter()
+        acts = run_method(spec.name, self.run.model, self.images, self.targets, names)
+        acts = {k: v.float().cpu() for k, v in acts.items()}
+        for i, source in enumerate(self.batch.sources):
+            png = plots.activation_grid_figure(
+                {k: v[i] for k, v in acts.items()}, self._title(f"activations of {source}", None),
+                image=self.batch.images[i], mean=self.run.spec.mean, std=self.run.spec.std,
+            )
+            sidecar = self._sidecar(spec.name, None, {"layers": names}, image=source)
+            self._write(png, spec.name, None, f"image-{i}", sidecar, f"{len(names)} layers", started)
+            started = time.perf_counter()
+
+    def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        model = self.run.model
+        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model))]))
+        for layer in names:
+            started = time.perf_counter()
+            weights = run_method(spec.name, model, self.images, self.targets, layer).float().cpu()
+            png = plots.filter_grid_figure(weights, layer, title=self._title("convolution filters", layer))
+            sidecar = self._sidecar(spec.name, layer, {"shape": list(weights.shape)})
+            self._write(png, spec.name, layer, layer, sidecar, "x".join(map(str, weights.shape)), started)
+
+    def _conv_inside(self, layer: str) -> list[str]:
+        """The last conv at or inside ``layer`` (the default layer may be a ReLU or a block)."""
+        convs = [n for n, m in self.run.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        inside = [n for n in convs if n == layer or n.startswith(layer + ".")]
+        return inside[-1:] or convs[-1:]
+
+    def _maximize(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        started = time.perf_counter()
+        names = self.run.spec.class_names
+        classes = ([int(self.target_spec)] if isinstance(self.target_spec, int)
+                   else list(range(min(len(names), MAX_MAXIMIZE_CLASSES))))
+        shape_of_each = torch.zeros(len(classes), *self.images.shape[1:], device=self.run.device)
+        made = run_method(spec.name, self.run.model, shape_of_each, classes, seed=SEED)
+        with torch.no_grad(), model_state(self.run.model, grad=False):
+            probs = F.softmax(self.run.model(made).float(), dim=1).cpu()
+        captions = [f"{self._name(c)}: {plots.format_caption(prob=float(probs[i, c]))}" for i, c in enumerate(classes)]
+        png = plots.image_grid_figure(made.detach().float().cpu(), captions,
+                                      self._title("the network's idea of each class (activation maximisation)", None),
+                                      mean=self.run.spec.mean, std=self.run.spec.std)
+        sidecar = self._sidecar(spec.name, None, {**spec.defaults, "seed": SEED}, classes=[self._name(c) for c in classes])
+        self._write(png, spec.name, None, "classes", sidecar, f"{len(classes)} classes", started)
+
+
+def visualize_command(
+    run: LoadedRun,
+    *,
+    methods: Sequence[str] = (),
+    layers: Sequence[str] = (),
+    images: int = DEFAULT_IMAGES,
+    files: Sequence[str | Path] = (),
+    split: str = "test",
+    target: str = "pred",
+    out_dir: str | Path | None = None,
+    writer: Any = None,
+    on_written: Callable[[Written], None] | None = None,
+) -> Result:
+    """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
+    every method in ``methods`` (default: all), writing PNGs + sidecars to ``out_dir`` (default
+    ``RUN/visualizations``) and, given a ``SummaryWriter``, to TensorBoard."""
+    batch = file_images(run, files) if files else dataset_images(run, split, images)
+    out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
+    visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written)
+    return visualizer.run_methods(list(methods), list(layers))

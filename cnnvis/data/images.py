@@ -1,0 +1,83 @@
+"""Reading image files: any PIL mode to RGB, and a check that finds unreadable files up front."""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnvis.errors import DataError
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode (L, LA, RGBA, P, CMYK, I;16, I, F) to 8-bit RGB.
+
+    Transparent pixels go on white (what a viewer shows); 16-bit and integer images are scaled,
+    not clipped, to 8 bits.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        pixels = np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file to RGB; a file that is not a readable image is a ``DataError``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise DataError(f"{path}: {check_image(path) or 'unreadable'}", "Give a PNG, JPEG, BMP, GIF, TIFF or WebP image.") from None
+
+
+TOO_LARGE = "image too large (decompression bomb limit)"
+
+
+def check_image(path: str | Path) -> str | None:
+    """Decode a file fully; return why it is unusable, or None when it is fine."""
+    try:
+        with Image.open(path) as image:
+            # PIL only warns between 1x and 2x its pixel limit; a bomb is a bomb either way. Counted
+            # here, not by turning the warning into an error: warning filters are process-wide and
+            # this runs in threads, which restore each other's filters in any order.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.width * image.height > limit:
+                return TOO_LARGE
+            image.load()
+            to_rgb(image)
+        return None
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except UnidentifiedImageError:
+        return "not an image" if Path(path).stat().st_size else "empty file"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable ({exc})" if str(exc) else "unreadable"
+
+
+def check_images(paths: Sequence[str], workers: int = 4) -> tuple[list[str], list[tuple[str, str]]]:
+    """Decode every file once; return (good paths, [(bad path, reason)])."""
+    # check_image reports near-bombs itself; PIL's warning about them would only repeat it. Set once
+    # here, around all the threads, so that no thread restores another's filters.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:  # PIL releases the GIL
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        reasons = list(pool.map(check_image, paths))
+    good = [p for p, r in zip(paths, reasons) if r is None]
+    bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    return good, bad

@@ -1,0 +1,25 @@
+"""Which map deserves trust: faithfulness checks of heatmap methods.
+
+* ``perturbation.py``   -- deletion / insertion curves and their AUC
+* ``similarity.py``     -- Spearman rank correlation and SSIM between maps
+* ``randomization.py``  -- the cascading model randomization test
+* ``faithfulness.py``   -- every method scored and ranked: :func:`faithfulness`, :class:`FaithfulnessReport`
+"""
+
+from cnnvis.metrics.faithfulness import (
+    FaithfulnessReport,
+    FaithfulnessRow,
+    faithfulness,
+    heatmap_methods,
+    method_explainer,
+)
+from cnnvis.metrics.randomization import (
+    RandomizationResult,
+    randomization_check,
+    randomization_checks,
+)
+
+__all__ = [
+    "FaithfulnessReport", "FaithfulnessRow", "RandomizationResult", "faithfulness", "heatmap_methods",
+    "method_explainer", "randomization_check", "randomization_checks",
+]

@@ -1,0 +1,11 @@
+"""Training: the loop's plain functions, the trainer and its listeners, optimizers, TensorBoard.
+
+* ``loop.py``         -- evaluate a split, predict a split, find misclassified images
+* ``trainer.py``      -- :class:`Trainer` (checkpoints, resume, early stopping) and :class:`Listener`
+* ``optim.py``        -- optimizers and learning-rate schedules
+* ``tensorboard.py``  -- :class:`TensorBoardListener`, everything a run logs
+"""
+
+from cnnvis.training.trainer import Listener, Trainer, TrainState
+
+__all__ = ["Listener", "TrainState", "Trainer"]

@@ -1,0 +1,71 @@
+"""Plain functions over a split: the loss and accuracy, every logit, the misclassified images.
+
+Each runs in eval mode under ``torch.inference_mode`` (the model's own train/eval flags are
+restored), keeps sums on the device and copies to the host once at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from cnnvis.device import autocast, eval_mode, memory_format
+
+Batches = Iterable[tuple[Tensor, Tensor]]
+
+
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None) -> dict[str, float]:
+    """Cross-entropy (no label smoothing) and accuracy over a split."""
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    layout = memory_format(model)
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp):
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True, memory_format=layout)
+            labels = labels.to(device, non_blocking=True)
+            logits = model(images).float()
+            loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+            count += labels.shape[0]
+    count = max(count, 1)
+    return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
+
+
+def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """``(logits [N, classes], targets [N])`` of a whole split: one pass, gathered on the device,
+    moved to the CPU once."""
+    logits, targets = [], []
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp):
+        for images, labels in batches:
+            logits.append(model(images.to(device, non_blocking=True)).float())
+            targets.append(labels.to(device, non_blocking=True))
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits).cpu(), torch.cat(targets).long().cpu()
+
+
+def find_misclassified(
+    model: nn.Module, batches: Batches, device: torch.device, limit: int, amp: torch.dtype | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Up to ``limit`` misclassified images of a split, in split order: ``(images [n,C,H,W] on the
+    CPU, true [n], predicted [n], predicted probability [n])``. Stops reading once it has enough."""
+    found: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    count = 0
+    with eval_mode(model), torch.inference_mode(), autocast(device, amp):
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            prob, pred = model(images).float().softmax(1).max(1)
+            wrong = (pred != labels).nonzero().flatten()[: limit - count]  # one sync per batch
+            if wrong.numel():
+                found.append((images[wrong], labels[wrong], pred[wrong], prob[wrong]))
+                count += wrong.numel()
+            if count >= limit:
+                break
+    if not found:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    images, true, pred, prob = (torch.cat(parts).cpu() for parts in zip(*found))
+    return images.float(), true, pred, prob

@@ -1,0 +1,394 @@
+"""The training loop: plain functions for an epoch and an evaluation, a trainer that fires
+events (progress bars and TensorBoard are listeners), checkpoints, resume and early stopping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnnvis.checkpoint import (
+    interrupts_deferred,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
+from cnnvis.config import Config, build_config, config_to_dict, save_config
+from cnnvis.data import DataBundle, build_data
+from cnnvis.device import amp_dtype, autocast, memory_format, resolve_device
+from cnnvis.errors import ConfigError, TrainingError
+from cnnvis.io import append_jsonl, read_jsonl, write_jsonl
+from cnnvis.models import build_model
+from cnnvis.run import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    checkpoint_path,
+    create_run_dir,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from cnnvis.training.loop import evaluate
+from cnnvis.training.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class TrainState:
+    """What listeners see; the trainer owns it."""
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    data: DataBundle
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    steps_per_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Listener:
+    """Override what you need; every hook is a no-op by default."""
+
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_epoch_start(self, state: TrainState) -> None: ...
+
+    def on_first_batch(self, state: TrainState, images: Tensor, labels: Tensor) -> None:
+        """The epoch's first training batch as the model sees it (augmented, normalised, on the device)."""
+
+    def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
+        """``loss`` is a detached device tensor: reading it is a host sync, so do it rarely."""
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, state: TrainState, final: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Trainer:
+    """Builds data, model and optimizer from a config and trains into a run directory."""
+
+    def __init__(
+        self,
+        config: Config | None,
+        runs_dir: str | Path = "runs",
+        name: str | None = None,
+        device: str = "auto",
+        resume: str | Path | None = None,
+        listeners: Sequence[Listener] = (),
+        data: DataBundle | None = None,
+        overrides: Sequence[str] = (),
+    ) -> None:
+        """With ``resume``, the run's stored config is used (``overrides`` still apply, e.g. more epochs)."""
+        self.device = resolve_device(device)
+        self.listeners = list(listeners)
+        payload = None
+        if resume is not None:
+            run_dir, checkpoint = resolve_checkpoint(resume, prefer="last")
+            payload = load_checkpoint(checkpoint, map_location="cpu")
+            config = build_config(payload["config"], overrides, source=f"{checkpoint} (stored config)")
+            saved_arch = payload.get("meta", {}).get("arch", config.model.arch)
+            if config.model.arch != saved_arch:
+                raise ConfigError(
+                    f"{checkpoint} holds a {saved_arch} model; a resumed run cannot switch to model.arch = {config.model.arch}.",
+                    "Drop --set model.arch, or start a new run for the other architecture.",
+                )
+            self.run_dir = run_dir
+        elif config is None:
+            raise ConfigError("a config is needed unless resuming a run")
+        self.config = config
+        _seed_everything(config)
+        self.data = data or build_data(config, self.device)
+        spec = self.data.spec
+        if payload is not None and tuple(payload["meta"]["class_names"]) != spec.class_names:
+            trained = list(payload["meta"]["class_names"])
+            added = [c for c in spec.class_names if c not in trained]
+            gone = [c for c in trained if c not in spec.class_names]
+            changes = "; ".join(part for part in (
+                f"new: {', '.join(added)}" if added else "", f"missing: {', '.join(gone)}" if gone else "") if part)
+            raise ConfigError(
+                f"the data now has {self.data.num_classes} classes but {checkpoint} was trained on "
+                f"{len(trained)} ({changes or 'another order'}); resume needs the same classes.",
+                "Restore the class folders as they were, or start a new run.",
+            )
+        model = build_model(
+            config.model.arch, spec.num_classes, spec.in_channels, spec.image_size,
+            pretrained=config.model.pretrained if payload is None else None,
+            freeze=config.model.freeze, dropout=config.model.dropout,
+        ).to(self.device)
+        if config.train.channels_last:  # faster convolutions on CUDA and on CPUs (oneDNN) alike
+            model = model.to(memory_format=torch.channels_last)
+            model._cnnvis_memory_format = torch.channels_last
+        self.amp = amp_dtype(config.train.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        optimizer = make_optimizer(config, (p for p in model.parameters() if p.requires_grad))
+        steps_per_epoch = len(self.data.train)
+        self.scheduler, self.scheduler_unit = make_scheduler(config, optimizer, steps_per_epoch)
+        if payload is None:
+            self.run_dir = create_run_dir(runs_dir, name or config.name)
+            save_config(config, self.run_dir / CONFIG_FILE)
+        self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch)
+        self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
+        #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
+        self.finished: dict[str, Any] | None = None
+        if payload is not None:
+            self._restore(payload)
+            self.saved_epoch = self.state.epoch
+            save_config(config, self.run_dir / CONFIG_FILE)  # overrides (e.g. more epochs) are part of the run now
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _payload(self) -> dict[str, Any]:
+        s = self.state
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        train_source = self.data.train
+        if hasattr(train_source, "state_dict"):
+            rng["loader"] = train_source.state_dict()["generator"]
+        elif getattr(train_source, "generator", None) is not None:
+            rng["loader"] = train_source.generator.get_state()
+        return {
+            "model": {k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()},
+            "optimizer": s.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict(),
+            "epoch": s.epoch,
+            "global_step": s.global_step,
+            "best_val_accuracy": s.best_val_accuracy,
+            "epochs_without_improvement": s.epochs_without_improvement,
+            "rng": rng,
+            "config": config_to_dict(self.config),
+            "meta": {"arch": self.config.model.arch, **self.data.spec.to_dict()},
+        }
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        s = self.state
+        saved = payload.get("scheduler") or {}
+        planned = saved.get("total_steps", saved.get("T_max")) if self.scheduler_unit == "step" else None
+        wanted = s.steps_per_epoch * self.config.train.epochs
+        stored = payload["config"]["train"]["epochs"]
+        planned_by_epochs = self.config.scheduler.name in ("onecycle", "cosine")
+        if planned_by_epochs and (stored != self.config.train.epochs or planned not in (None, wanted)):
+            # Loading the state would keep the old plan: OneCycleLR raises past its end, cosine turns back up.
+            planned = planned or s.steps_per_epoch * stored
+            raise ConfigError(
+                f"this run's {self.config.scheduler.name} schedule was planned for {planned} steps "
+                f"({stored} epochs) but the resumed run needs {wanted} (train.epochs = {self.config.train.epochs}).",
+                "Resume with the run's own train.epochs and batch size, or start a new run; "
+                "scheduler.name step or none can be extended.",
+            )
+        load_model_state(s.model, payload["model"], "the checkpoint")
+        s.optimizer.load_state_dict(payload["optimizer"])
+        if self.scheduler is not None and payload.get("scheduler"):
+            self.scheduler.load_state_dict(payload["scheduler"])
+        if payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        s.epoch = int(payload["epoch"])
+        s.global_step = int(payload["global_step"])
+        s.best_val_accuracy = float(payload["best_val_accuracy"])
+        s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if "loader" in rng:
+            if hasattr(self.data.train, "load_state_dict"):
+                self.data.train.load_state_dict({"generator": rng["loader"]})
+            elif getattr(self.data.train, "generator", None) is not None:
+                self.data.train.generator.set_state(rng["loader"])
+        rows = read_jsonl(self.run_dir / METRICS_FILE).rows
+        # Lines after the checkpoint's epoch belong to work that is about to be redone.
+        history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
+        s.history = history
+        tested = [m for m in rows if "test_accuracy" in m and m.get("epoch") == s.epoch]
+        if tested and s.epoch >= self.config.train.epochs:
+            self.finished = tested[-1]
+        else:
+            self._write_metrics(write_jsonl, history)
+
+    def save(self, which: Sequence[str] = ("last",)) -> None:
+        payload = self._payload()
+        with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
+            # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
+            # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
+            # best epoch last.pt records, or none at all.
+            for name in sorted(which, key=lambda n: n == "last"):
+                save_checkpoint(payload, checkpoint_path(self.run_dir, name))
+        self.saved_epoch = payload["epoch"]
+
+    # ------------------------------------------------------------------ the loop
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for listener in self.listeners:
+            getattr(listener, event)(self.state, *args)
+
+    def train_one_epoch(self) -> dict[str, float]:
+        s, device = self.state, self.device
+        model, optimizer, config = s.model, s.optimizer, self.config
+        model.train()
+        losses = torch.zeros(max(s.steps_per_epoch, 1), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        check_every = config.train.log_every
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        layout = memory_format(model)
+        start = time.perf_counter()
+        for step, (images, labels) in enumerate(self.data.train):
+            images = images.to(device, non_blocking=True, memory_format=layout)
+            labels = labels.to(device, non_blocking=True)
+            if step == 0:
+                self._emit("on_first_batch", images, labels)
+            with autocast(device, self.amp):
+                logits = model(images)
+                loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.train.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if config.train.grad_clip:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            if self.scheduler_unit == "step":
+                self.scheduler.step()
+            detached = loss.detach()
+            losses[step] = detached
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += labels.shape[0]
+            s.global_step += 1
+            self._emit("on_step", step, detached)
+            if (step + 1) % check_every == 0:
+                self._check_finite(losses[: step + 1])  # the one host sync per interval
+        self._check_finite(losses[: s.steps_per_epoch])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": losses[: s.steps_per_epoch].mean().item(),
+            "train_accuracy": correct.item() / max(seen, 1),
+            "seconds": seconds,
+            "images_per_second": seen / seconds if seconds > 0 else 0.0,
+        }
+
+    def _check_finite(self, losses: Tensor) -> None:
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            step = int(bad.nonzero()[0, 0]) + 1
+            raise self._diverged(f"the loss became {losses[step - 1].item()} in epoch {self.state.epoch + 1}, step {step}")
+
+    def _diverged(self, what: str) -> TrainingError:
+        return TrainingError(
+            f"{what}; training stopped.",
+            f"The last good checkpoint is kept in {checkpoint_path(self.run_dir, 'last').parent}. Try a lower learning rate "
+            f"(optimizer.lr is {self.config.optimizer.lr}) or set train.grad_clip.",
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs, then test the best model; returns the final metrics."""
+        s, config = self.state, self.config
+        if s.epoch == 0 and not checkpoint_path(self.run_dir, "last").exists():
+            self.save(["last"])  # a resume point exists from the first second on
+        self._emit("on_train_start")
+        batch_key, where = "batch_size", "in epoch 1"
+        try:
+            while s.epoch < config.train.epochs:
+                self._emit("on_epoch_start")
+                lr = s.optimizer.param_groups[0]["lr"]
+                batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
+                metrics = self.train_one_epoch()
+                batch_key = "eval_batch_size"
+                val = evaluate(s.model, self.data.val, self.device, self.amp)
+                if not math.isfinite(val["loss"]):
+                    # The training losses were finite, so the last steps broke the weights: keep them out of last.pt.
+                    raise self._diverged(
+                        f"the validation loss became {val['loss']} after epoch {s.epoch + 1}, step {s.steps_per_epoch} "
+                        f"(the weights are no longer finite)"
+                    )
+                # From here to the saved checkpoint the epoch is counted: Ctrl-C waits, so that it
+                # never lands between the two and loses a finished epoch.
+                with interrupts_deferred():
+                    if self.scheduler_unit == "epoch":
+                        self.scheduler.step()
+                    s.epoch += 1
+                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr}
+                    improved = val["accuracy"] > s.best_val_accuracy
+                    if improved:
+                        s.best_val_accuracy, s.epochs_without_improvement = val["accuracy"], 0
+                    else:
+                        s.epochs_without_improvement += 1
+                    record["best_val_accuracy"] = s.best_val_accuracy
+                    s.history.append(record)
+                    self._write_metrics(append_jsonl, record)
+                    self.save(["last", "best"] if improved else ["last"])
+                self._emit("on_epoch_end", record)
+                patience = config.train.early_stopping
+                if patience and s.epochs_without_improvement >= patience:
+                    break
+            batch_key, where = "eval_batch_size", "while testing"
+            final = self.test()
+        except torch.OutOfMemoryError:
+            size = getattr(config.data, batch_key)
+            raise TrainingError(
+                f"out of memory on {self.device} {where} (data.{batch_key} = {size}).",
+                f"Try a smaller batch size, e.g. --set data.{batch_key}={max(1, size // 2)}",
+            ) from None
+        self._emit("on_train_end", final)
+        return final
+
+    def test(self) -> dict[str, Any]:
+        """Test accuracy of the best-validation weights (what ``best.pt`` holds)."""
+        s = self.state
+        best = checkpoint_path(self.run_dir, "best")
+        model = s.model
+        if best.is_file():
+            model = model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)).to(self.device)
+            if self.config.train.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            model._cnnvis_memory_format = memory_format(s.model)
+        result = evaluate(model, self.data.test, self.device, self.amp)
+        final = {
+            "epoch": s.epoch,
+            "step": s.global_step,
+            "test_loss": result["loss"],
+            "test_accuracy": result["accuracy"],
+            "test_split": "test",
+            "test_checkpoint": "best",
+            "best_val_accuracy": s.best_val_accuracy,
+        }
+        self._write_metrics(append_jsonl, final)
+        return final
+
+    def _write_metrics(self, write: Any, rows: Any) -> None:
+        """``write(RUN/metrics.jsonl, rows)`` with an unwritable file turned into a :class:`TrainingError`."""
+        path = self.run_dir / METRICS_FILE
+        try:
+            write(path, rows)
+        except OSError as exc:
+            raise TrainingError(
+                f"could not write {path}: {exc.strerror or exc}",
+                "Free disk space or make the run directory writable; the checkpoints written so far are intact.",
+            ) from None
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
+
+
+def _seed_everything(config: Config) -> None:
+    torch.manual_seed(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True

@@ -1,0 +1,193 @@
+"""Everything the CLI shows: the training progress bars and every table it prints (rich).
+
+This lives outside the library on purpose: the trainer only fires events and the commands
+return typed results; here they become text.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from torch import Tensor
+
+from cnnvis.training.trainer import Listener, TrainState
+
+if TYPE_CHECKING:
+    from cnnvis.commands.evaluate import Evaluation
+    from cnnvis.commands.summary import ModelSummary
+    from cnnvis.commands.visualize import Result
+    from cnnvis.data import DataBundle
+    from cnnvis.metrics.faithfulness import FaithfulnessReport
+
+#: how the header line names where ``data.root`` came from
+ROOT_SOURCES = {"override": "--set", "environment": "CNNVIS_DATA", "config": "the config", "default": "the default"}
+
+
+class ProgressListener(Listener):
+    """One bar per epoch; the loss shown is read every ``train.log_every`` steps, not every step."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+        self.every = 50
+
+    def on_train_start(self, state: TrainState) -> None:
+        self.every = state.config.train.log_every
+        self.progress.start()
+        data, root = state.data, state.config.data
+        self.console.print(
+            f"[bold]run[/] {escape(str(state.run_dir))}  [bold]device[/] {state.device}  "
+            f"[bold]data[/] {data.sizes['train']} train / {data.sizes['val']} val / "
+            f"{data.sizes['test']} test, {data.num_classes} classes, "
+            f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})"
+        )
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        label = f"{state.epoch + 1}/{state.config.train.epochs}"
+        self.task = self.progress.add_task("train", total=state.steps_per_epoch, epoch=label, loss="-")
+
+    def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
+        if (step_in_epoch + 1) % self.every == 0:
+            self.progress.update(self.task, advance=1, loss=f"{loss.item():.4f}")
+        else:
+            self.progress.advance(self.task)
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.progress.update(
+            self.task,
+            completed=state.steps_per_epoch,
+            loss=(
+                f"{metrics['train_loss']:.4f}  acc {metrics['train_accuracy']:.2%}  "
+                f"val {metrics['val_loss']:.4f} / {metrics['val_accuracy']:.2%}  "
+                f"{metrics['images_per_second']:.0f} img/s"
+            ),
+        )
+
+    def on_train_end(self, state: TrainState, final: dict[str, Any]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:
+    # Light borders and unwrapped cells: the eight columns fit an 80-column terminal whole.
+    table = Table(title="training summary", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "seconds"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in history:
+        table.add_row(
+            str(row["epoch"]),
+            f"{row['train_loss']:.4f}",
+            f"{row['train_accuracy']:.2%}",
+            f"{row['val_loss']:.4f}",
+            f"{row['val_accuracy']:.2%}",
+            f"{row['lr']:.2e}",
+            f"{row['images_per_second']:.0f}",
+            f"{row['seconds']:.1f}",
+        )
+    table.caption = (
+        f"test accuracy {final['test_accuracy']:.2%} (split: {final['test_split']}, "
+        f"weights: {final['test_checkpoint']}.pt, best val {final['best_val_accuracy']:.2%})"
+    )
+    return table
+
+
+def visualize_table(result: Result, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("method", "layer", "file", "shows", "seconds"):
+        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column != "file")
+    for w in result.written:
+        table.add_row(w.method, w.layer or "-", w.path.name, w.detail, f"{w.seconds:.1f}")
+    return table
+
+
+def evaluation_table(ev: Evaluation, where: str) -> Table:
+    correct = round(ev.accuracy * ev.count)
+    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f} · {where}")
+    for column in ("class", "images", "predicted", "precision", "recall", "F1", "accuracy\n(one vs rest)"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    number = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731 - NaN: undefined (e.g. a class never predicted)
+    for c in ev.per_class:
+        table.add_row(escape(c.name), str(c.support), str(c.predicted), number(c.precision), number(c.recall),
+                      number(c.f1), number(c.accuracy))
+    return table
+
+
+def worst_mistakes_line(ev: Evaluation) -> str:
+    shown = ", ".join(f"{w.index} ({escape(ev.class_names[w.true])} → {escape(ev.class_names[w.predicted])} {w.probability:.0%})"
+                      for w in ev.confidently_wrong[:5])
+    return f"{ev.wrong_count} misclassified; most confidently wrong: {shown}"
+
+
+def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
+    layers = sorted({r.layer for r in report.rows if r.layer})
+    table = Table(title=f"which map can I trust? {report.images} {split} images, predicted class, {report.steps} steps"
+                        + (f", layer {', '.join(layers)}" if layers else ""))
+    for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "rand.\n|ρ| ↓", "SSIM", "sanity", "beats\nrandom"):
+        table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
+                         no_wrap=column == "method")
+    for r in report.rows:
+        table.add_row(str(r.rank), r.method, f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
+                      f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
+                      "[green]pass[/]" if r.passed else "[red]fail[/]", "yes" if r.beats_random else "no")
+    table.add_row("", "[dim]random order[/]", f"[dim]{report.random_deletion_auc:.3f}[/]",
+                  f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "")
+    table.caption = (f"deletion / insertion AUC: lower / higher is better. rand. |ρ|: mean |Spearman| between the maps of the "
+                     f"trained and the fully re-initialised model; above {report.threshold} fails the sanity check. "
+                     f"Ranked: passing first, then insertion − deletion.")
+    return table
+
+
+def layer_table(result: ModelSummary, title: str, depth: int = 0) -> Table:
+    table = Table(title=title)
+    for column, justify in (("layer (--layer)", "left"), ("type", "left"), ("output", "left"),
+                            ("params", "right"), ("trainable", "left"), ("mult-adds", "right")):
+        table.add_column(column, justify=justify, no_wrap=column != "type")
+    for row in result:
+        if depth and row.depth > depth:
+            continue
+        shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-"
+        table.add_row("  " * (row.depth - 1) + row.name, row.type, shape, f"{row.num_params:,}", row.trainable,
+                      _short(row.mult_adds) if row.mult_adds else "-")
+    table.caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
+                     f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
+    return table
+
+
+def split_sizes_table(bundle: DataBundle) -> Table:
+    table = Table()
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    for split, count in bundle.sizes.items():
+        table.add_row(split, str(count))
+    return table
+
+
+def _short(count: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)

@@ -1,0 +1,236 @@
+"""``cnnvis visualize``: every method's pictures land in the run, with sidecars and TensorBoard images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from typer.testing import CliRunner
+
+from cnnvis.cli import app
+from cnnvis.commands.visualize import Visualizer, dataset_images, parse_target
+from cnnvis.config import build_config
+from cnnvis.errors import UnsupportedModelError
+from cnnvis.run import load_run
+from cnnvis.training.trainer import Trainer
+from cnnvis.vis import METHODS
+
+CLASSES = ["left", "middle", "right"]
+
+
+def _folder(root: Path, size: int = 20) -> Path:
+    """Three classes told apart by where a bright vertical bar stands."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
+            x = 2 + label * 6 + i % 2
+            pixels[:, x : x + 3, :] = 220
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def _train(base: Path, arch: str = "mnist_cnn") -> Path:
+    folder = _folder(base / "bars")
+    config = build_config({
+        "name": arch,
+        "data": {"dataset": "imagefolder", "path": str(folder), "num_workers": 0, "batch_size": 6,
+                 "val_fraction": 0.25, "test_fraction": 0.25, "transforms": {"image_size": 20}},
+        "model": {"arch": arch},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "scheduler": {"name": "none"},
+        "train": {"epochs": 3},
+        "log": {"tensorboard": False},
+    })
+    trainer = Trainer(config, runs_dir=base / "runs", device="cpu")
+    trainer.fit()
+    trainer.close()
+    return trainer.run_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _train(tmp_path_factory.mktemp("vis"))
+
+
+@pytest.fixture
+def run(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / trained.name))
+
+
+def invoke(*args: object, code: int = 0) -> str:
+    result = CliRunner().invoke(app, ["visualize", *map(str, args)])
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code == code, result.output
+    return " ".join(result.output.split())
+
+
+def sidecar(png: Path) -> dict:
+    return json.loads(png.with_suffix(".json").read_text())
+
+
+def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
+    out = invoke(run, "--images", "4")
+    folder = run / "visualizations"
+    assert {p.name for p in folder.iterdir()} == set(METHODS)
+    for method in METHODS:
+        pngs = sorted((folder / method).glob("*.png"))
+        assert pngs, method
+        for png in pngs:
+            with Image.open(png) as image:
+                assert image.format == "PNG" and min(image.size) >= 150, (png, image.size)
+            meta = sidecar(png)
+            assert meta["method"] == method and meta["checkpoint"].endswith("best.pt") and meta["seed"] == 0
+            assert "parameters" in meta and meta["images"][0].startswith("test #")
+    gradcam = sidecar(folder / "gradcam" / "features.13.png")
+    assert gradcam["layer"] == "features.13" and gradcam["target"] == "pred"
+    assert gradcam["targets"] == gradcam["predicted"] and len(gradcam["images"]) == len(gradcam["true"])
+    assert set(gradcam["true"]) <= set(CLASSES)
+    assert sidecar(folder / "occlusion" / "occlusion.png")["parameters"]["window"] == [3, 3]
+    assert sidecar(folder / "maximize" / "classes.png")["classes"] == CLASSES
+    assert f"pictures in {folder}" in out
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    tags = set(events.Tags()["images"])
+    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/maximize/classes"} <= tags
+
+
+def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
+    out_dir = tmp_path / "pictures"
+    out = invoke(run, "-m", "gradcam", "--layer", "features.6", "--target", "true", "--split", "val",
+                 "--images", "3", "--out", out_dir, "--no-tensorboard")
+    assert [p.name for p in out_dir.iterdir()] == ["gradcam"]
+    meta = sidecar(out_dir / "gradcam" / "features.6.png")
+    assert meta["layer"] == "features.6" and meta["target"] == "true" and meta["targets"] == meta["true"]
+    assert all(source.startswith("val #") for source in meta["images"]) and len(meta["images"]) == 3
+    assert "gradcam" in out and "features.6" in out
+    assert not (run / "visualizations").exists()
+    assert not list(run.glob("events.out.tfevents*")), "--no-tensorboard wrote events"
+
+
+def test_a_class_name_as_target(run):
+    invoke(run, "-m", "saliency", "--target", "right", "--images", "4", "--no-tensorboard")
+    meta = sidecar(run / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["right"] * 4 and meta["target"] == 2
+
+
+def test_own_image_files_of_any_mode_and_size(run, tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((40, 30), 200, np.uint8), "L").save(grey)
+    rgba = tmp_path / "glass.png"
+    Image.new("RGBA", (25, 25), (250, 10, 10, 128)).save(rgba)
+    invoke(run, "-m", "gradcam++", "--image", grey, "--image", rgba, "--no-tensorboard")
+    meta = sidecar(run / "visualizations" / "gradcam++" / "features.13.png")
+    assert meta["images"] == [str(grey), str(rgba)] and meta["true"] is None
+    out = invoke(run, "-m", "gradcam", "--image", grey, "--target", "true", code=2)
+    assert "--target true needs images with known labels" in out
+
+
+def test_bad_requests_get_one_line(run, tmp_path):
+    out = invoke(run, "--layer", "features.99", code=2)
+    assert "no layer 'features.99'" in out and "features.13" in out and "fc" in out
+    out = invoke(run, "--method", "gradcamm", code=2)
+    assert "error: unknown visualisation method 'gradcamm'; choose one of: activations, filters" in out and "gradcam++" in out
+    out = invoke(run, "--target", "tulip", code=2)
+    assert "not pred, true, a class index or a class name" in out and "left, middle, right" in out
+    out = invoke(run, "--target", "7", code=2)
+    assert "class index out of range" in out
+    text = tmp_path / "note.jpg"
+    text.write_text("not a picture")
+    out = invoke(run, "--image", text, code=2)
+    assert "note.jpg: not an image" in out
+    out = invoke(tmp_path / "nowhere", code=2)
+    assert "nowhere" in out
+    assert not list(run.glob("events.out.tfevents*")), "a failed command left an empty TensorBoard events file"
+
+
+def test_pictures_are_ordinary_files_a_colleague_can_read(run):
+    import os
+    import stat
+
+    invoke(run, "-m", "saliency", "--images", "2", "--no-tensorboard")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (run / "visualizations" / "saliency").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
+
+
+def test_a_run_with_no_checkpoint_yet(run):
+    for checkpoint in (run / "checkpoints").iterdir():
+        checkpoint.unlink()
+    out = invoke(run, code=2)
+    assert "has no checkpoint yet" in out and "Train it first" in out
+
+
+def test_class_count_changed_in_the_data_since_training(run):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    folder = Path(config["data"]["path"])
+    extra = folder.parent / "bars4"
+    shutil.copytree(folder, extra)
+    shutil.copytree(extra / "left", extra / "top")
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    payload["config"]["data"]["path"] = str(extra)
+    torch.save(payload, run / "checkpoints" / "best.pt")
+    out = invoke(run, "-m", "saliency", code=2)
+    assert "the data now has 4 classes but" in out and "was trained on 3" in out and "image files of your own" in out
+
+
+def test_cam_needs_a_gap_linear_head(tmp_path):
+    run_dir = _train(tmp_path, arch="mnist_classic")
+    out = invoke(run_dir, "--images", "2", "--no-tensorboard")
+    assert "skipped cam:" in out
+    assert not (run_dir / "visualizations" / "cam").exists()
+    assert (run_dir / "visualizations" / "gradcam").is_dir()
+    invoke(run_dir, "-m", "cam", code=2)
+    loaded = load_run(run_dir)
+    with pytest.raises(UnsupportedModelError):
+        Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "out").run_methods(["cam"])
+
+
+def test_visualizing_leaves_the_model_as_it_was(trained, tmp_path):
+    loaded = load_run(trained)
+    loaded.model.train()
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    Visualizer(loaded, dataset_images(loaded, "test", 3), tmp_path / "out").run_methods()
+    assert loaded.model.training and all(m.training for m in loaded.model.modules())
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a visualisation changed weights or BN statistics"
+    assert all(not m._forward_hooks and not m._backward_hooks for m in loaded.model.modules())
+
+
+def test_parse_target():
+    assert parse_target("pred", CLASSES) == "pred" and parse_target("true", CLASSES) == "true"
+    assert parse_target("middle", CLASSES) == 1 and parse_target("2", CLASSES) == 2
+
+
+def test_every_heatmap_is_drawn_with_the_normalisation_its_sidecar_names(run, monkeypatch):
+    """The picture and its sidecar come from one normalisation: the mode the figure scaled the
+    maps with is the one the sidecar records, for every heatmap method (saliency said ``maxabs``
+    while its PNG was min-max scaled)."""
+    import cnnvis.plots.heatmaps as heatmaps
+
+    used: list[str] = []
+    real = heatmaps.normalize_maps
+
+    def spy(maps, mode="minmax", **options):
+        used.append(mode)
+        return real(maps, mode, **options)
+
+    monkeypatch.setattr(heatmaps, "normalize_maps", spy)
+    names = [name for name, spec in METHODS.items() if spec.kind == "heatmap"]
+    loaded = load_run(run)
+    result = Visualizer(loaded, dataset_images(loaded, "test", 2), run / "out").run_methods(names)
+    heatmap_files = [w for w in result.written if w.path.stem != "predicted-class"]
+    assert sorted({w.method for w in heatmap_files}) == sorted(names)
+    assert len(used) == len(heatmap_files)
+    for mode, written in zip(used, heatmap_files):
+        recorded = sidecar(written.path)["normalization"]
+        assert recorded == mode == METHODS[written.method].normalize, written.method
