@@ -49,9 +49,10 @@ import torch.optim as optim  # noqa: E402
 from torch.optim.lr_scheduler import StepLR  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
-from cnnvis.config import load_config  # noqa: E402
-from cnnvis.data import _place_mnist_files, build_data, data_root  # noqa: E402
-from cnnvis.training.loop import evaluate
+from cnnvis.config import data_root, load_config  # noqa: E402
+from cnnvis.data import build_data  # noqa: E402
+from cnnvis.data.mnist import _place_mnist_files  # noqa: E402
+from cnnvis.training.loop import evaluate  # noqa: E402
 from cnnvis.training.trainer import Listener, Trainer  # noqa: E402
 
 

@@ -71,7 +71,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # --------------------------------------------------------------------------- setup
 def load_inputs(n: int, data_root: Path, device: torch.device) -> tuple[torch.Tensor, str]:
     try:
-        from cnnvis.data import load_mnist_tensors
+        from cnnvis.data.mnist import load_mnist_tensors
 
         images, _ = load_mnist_tensors(data_root, download=False)["test"]
         x = images[:n].float().div(255).unsqueeze(1)
@@ -90,7 +90,7 @@ def load_model(checkpoint: str | None, device: torch.device) -> tuple[nn.Module,
     from cnnvis.run import load_run
 
     run = load_run(checkpoint, device)
-    if run.config.model.arch != "mnist_cnn" or run.in_channels != 1 or run.image_size != 28:
+    if run.config.model.arch != "mnist_cnn" or run.spec.in_channels != 1 or run.spec.image_size != 28:
         sys.exit(f"--checkpoint {checkpoint}: a {run.config.model.arch} model; this benchmark needs mnist_cnn")
     return run.model.eval(), f"mnist_cnn from {run.checkpoint} (epoch {run.epoch})"
 

@@ -105,11 +105,17 @@ def tiny_imagefolder(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Run a test with one intra-op thread (tiny models: a second one only waits), then restore the count."""
+    """Run a test seeded and with one intra-op thread, then restore the count.
+
+    The test models are tiny; with two intra-op threads on a shared 2-core machine they run up to
+    20x slower (threads wait on each other)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- one tiny trained run

@@ -3,7 +3,6 @@ correlation and SSIM, and the cascading randomization test on a trained tiny mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import scipy.stats
@@ -32,14 +31,7 @@ from cnnvis.models import MnistCNN
 from cnnvis.run import load_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # tiny models on a shared 2-core machine: a second intra-op thread only waits
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only waits
 
 
 class LinearEvidence(nn.Module):
