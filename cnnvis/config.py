@@ -49,6 +49,7 @@ class TransformConfig(Section):
     image_size: int = Field(28, gt=0, description="side of the square image the model sees")
     resize: int | None = Field(None, gt=0, description="resize the shorter side first (None: image_size)")
     random_crop: bool = Field(False, description="random-resized crop for training instead of resize")
+    crop_scale: float = Field(0.35, gt=0, le=1, description="random_crop: smallest share of the image's area a crop keeps")
     flip: bool = Field(False, description="random horizontal flip")
     rotation: float = Field(0.0, ge=0, le=180, description="max random rotation in degrees")
     translate: float = Field(0.0, ge=0, lt=0.5, description="max random shift as a fraction of the side")
@@ -67,6 +68,9 @@ class DataConfig(Section):
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
     num_workers: Union[int, Literal["auto"]] = "auto"
+    in_memory: Union[bool, Literal["auto"]] = Field(
+        "auto", description="imagefolder: decode every image once and batch on the device (auto: when they "
+        "fit in a quarter of the memory, at most 4 GiB); MNIST always is")
     transforms: TransformConfig = TransformConfig()
     _root_source: RootSource = PrivateAttr("default")
 
@@ -114,6 +118,8 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = False
+    decay_norm_and_bias: bool = Field(
+        True, description="apply weight_decay to normalisation weights and biases too (false: to conv and linear weights only)")
 
 
 class SchedulerConfig(Section):
@@ -129,6 +135,11 @@ class SchedulerConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(5, ge=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="MixUp alpha (0: off); with cutmix too, each batch gets one of them")
+    cutmix: float = Field(0.0, ge=0, description="CutMix alpha (0: off)")
+    ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights, which is "
+                       "then what is evaluated and saved (0: off; e.g. 0.999)")
+    tta_flip: bool = Field(False, description="evaluate on each image and its mirror image, averaging the logits")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CUDA and CPU)")

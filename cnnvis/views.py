@@ -61,7 +61,8 @@ class ProgressListener(Listener):
             f"[bold]run[/] {escape(str(state.run_dir))}  [bold]device[/] {state.device}  "
             f"[bold]data[/] {data.sizes['train']} train / {data.sizes['val']} val / "
             f"{data.sizes['test']} test, {data.num_classes} classes, "
-            f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})"
+            f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]}), "
+            f"{data.pipeline}"
         )
 
     def on_epoch_start(self, state: TrainState) -> None:

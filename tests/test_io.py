@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnvis.io import append_jsonl, read_jsonl, to_jsonable, write_csv, write_json, write_jsonl
+from cnnvis.io import (
+    append_jsonl,
+    read_jsonl,
+    to_jsonable,
+    write_csv,
+    write_json,
+    write_jsonl,
+)
 
 
 def test_to_jsonable():

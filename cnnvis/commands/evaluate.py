@@ -177,7 +177,8 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         raise ConfigError(f"wrong {wrong}: give 0 or more", parameter="wrong")
     check_split(split)
     bundle = bundle or run.data()
-    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(run.config.train.amp, run.device))
+    train = run.config.train  # the same weights, precision and test-time flip as the trainer's own test
+    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(train.amp, run.device), train.tta_flip)
     if targets.numel() == 0:
         raise DataError(f"the {split} split of {run.run_dir} is empty: nothing to evaluate")
     names = list(run.spec.class_names)

@@ -22,6 +22,7 @@ from torchvision import datasets as tv_datasets
 
 from cnnvis.config import Config, TransformConfig, data_root
 from cnnvis.data.bundle import DataBundle, ImageSpec
+from cnnvis.data.tensors import DeviceBatches, NormalizedTensors
 from cnnvis.data.transforms import MNIST_MEAN, MNIST_STD
 from cnnvis.errors import DataError
 
@@ -135,79 +136,6 @@ def load_mnist_tensors(root: Path, download: bool = True) -> dict[str, tuple[Ten
     return out
 
 
-class DeviceBatches:
-    """Batches from uint8 images that live on the device; augmentation runs there, batched."""
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        device: torch.device,
-        shuffle: bool = False,
-        augment: TransformConfig | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.images = images.to(device).unsqueeze(1)  # uint8 [N,1,H,W]: a quarter of float32
-        self.labels = labels.to(device)
-        self.batch_size = batch_size
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.shuffle = shuffle
-        self.augment = augment if augment and (augment.rotation or augment.translate) else None
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.labels)
-        device = self.labels.device
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(device)
-        else:
-            order = torch.arange(n, device=device)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            x = self.images[idx].float().div_(255)
-            if self.augment is not None:
-                x = self._random_affine(x)
-            yield (x - self.mean) / self.std, self.labels[idx]
-
-    def _random_affine(self, x: Tensor) -> Tensor:
-        """Per-image random rotation and shift in one batched ``grid_sample``."""
-        n = x.shape[0]
-        params = torch.rand(n, 3, generator=self.generator).to(x.device) * 2 - 1
-        angle = params[:, 0] * (self.augment.rotation * torch.pi / 180)
-        shift = params[:, 1:] * (2 * self.augment.translate)  # grid units span 2 per side
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        return torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
-
-
-class _NormalizedTensors(Dataset):
-    """Index access to device-resident uint8 images as normalised float tensors (for fixed batches)."""
-
-    def __init__(self, batches: DeviceBatches) -> None:
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.batches.images[i].float().div(255)
-        return ((x - self.batches.mean[0]) / self.batches.std[0]).cpu(), self.batches.labels[i].cpu()
-
-
 def split_indices(n: int, holdout: int, seed: int) -> tuple[Tensor, Tensor]:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[holdout:], order[:holdout]
@@ -236,5 +164,5 @@ def build_mnist(config: Config, device: torch.device) -> DataBundle:
         spec=MNIST_SPEC,
         root=data_root(data),
         sizes={"train": len(train_idx), "val": len(val_idx), "test": len(test_y)},
-        eval_sets={"val": _NormalizedTensors(val), "test": _NormalizedTensors(test)},
+        eval_sets={"val": NormalizedTensors(val), "test": NormalizedTensors(test)},
     )

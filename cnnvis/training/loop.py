@@ -16,7 +16,14 @@ from cnnvis.device import autocast, eval_mode, memory_format
 Batches = Iterable[tuple[Tensor, Tensor]]
 
 
-def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None) -> dict[str, float]:
+def predict(model: nn.Module, images: Tensor, tta_flip: bool = False) -> Tensor:
+    """Logits of a batch; with ``tta_flip`` the mean of the image's and its mirror image's logits."""
+    logits = model(images)
+    return (logits + model(images.flip(-1))) / 2 if tta_flip else logits
+
+
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
+             tta_flip: bool = False) -> dict[str, float]:
     """Cross-entropy (no label smoothing) and accuracy over a split."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -26,7 +33,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torc
         for images, labels in batches:
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
-            logits = model(images).float()
+            logits = predict(model, images, tta_flip).float()
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
             count += labels.shape[0]
@@ -34,13 +41,14 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torc
     return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
 
 
-def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
+                  tta_flip: bool = False) -> tuple[Tensor, Tensor]:
     """``(logits [N, classes], targets [N])`` of a whole split: one pass, gathered on the device,
     moved to the CPU once."""
     logits, targets = [], []
     with eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for images, labels in batches:
-            logits.append(model(images.to(device, non_blocking=True)).float())
+            logits.append(predict(model, images.to(device, non_blocking=True), tta_flip).float())
             targets.append(labels.to(device, non_blocking=True))
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

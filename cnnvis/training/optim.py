@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -11,9 +11,21 @@ from torch import nn
 from cnnvis.config import Config
 
 
-def make_optimizer(config: Config, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """The trainable parameters, as one group or as two: weights of convolutions and linear layers
+    with ``weight_decay``, and normalisation weights and all biases (1-D tensors) without it."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if decay_norm_and_bias or weight_decay == 0:
+        return [{"params": [p for _, p in trainable]}]
+    decayed = [p for _, p in trainable if p.ndim > 1]
+    kept = [p for _, p in trainable if p.ndim <= 1]
+    return [{"params": decayed}, {"params": kept, "weight_decay": 0.0}]
+
+
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``config.optimizer`` over ``model``'s trainable parameters."""
     o = config.optimizer
-    params = list(params)
+    params = parameter_groups(model, o.weight_decay, o.decay_norm_and_bias)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
     if o.name == "adam":

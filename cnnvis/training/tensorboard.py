@@ -279,7 +279,8 @@ class TensorBoardListener(Listener):
 
     def _write_test_curves(self, state: TrainState, step: int) -> None:
         model = _best_model(state)
-        logits, targets = predict_split(model, state.data.test, state.device, amp_dtype(state.config.train.amp, state.device))
+        train = state.config.train
+        logits, targets = predict_split(model, state.data.test, state.device, amp_dtype(train.amp, state.device), train.tta_flip)
         if targets.numel() == 0:
             return
         names = state.data.spec.class_names

@@ -36,6 +36,13 @@ from cnnvis.run import (
 )
 from cnnvis.training.loop import evaluate
 from cnnvis.training.optim import make_optimizer, make_scheduler
+from cnnvis.training.regularize import (
+    averaged_state,
+    batch_mixer,
+    hard_labels,
+    restore_average,
+    weight_average,
+)
 
 
 @dataclass
@@ -132,7 +139,9 @@ class Trainer:
             model._cnnvis_memory_format = torch.channels_last
         self.amp = amp_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
-        optimizer = make_optimizer(config, (p for p in model.parameters() if p.requires_grad))
+        optimizer = make_optimizer(config, model)
+        self.mixer = batch_mixer(config.train, spec.num_classes)
+        self.average = weight_average(model, config.train.ema)
         steps_per_epoch = len(self.data.train)
         self.scheduler, self.scheduler_unit = make_scheduler(config, optimizer, steps_per_epoch)
         if payload is None:
@@ -159,8 +168,13 @@ class Trainer:
             rng["loader"] = train_source.state_dict()["generator"]
         elif getattr(train_source, "generator", None) is not None:
             rng["loader"] = train_source.generator.get_state()
+        cpu = lambda module: {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
+        averaged = {}
+        if self.average is not None:  # "model" holds the weights that are evaluated; the raw ones resume training
+            averaged = {"trained_model": cpu(s.model), "average": averaged_state(self.average)}
         return {
-            "model": {k: v.detach().cpu().contiguous() for k, v in s.model.state_dict().items()},
+            "model": cpu(self.evaluated_model),
+            **averaged,
             "optimizer": s.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "scaler": self.scaler.state_dict(),
@@ -189,7 +203,12 @@ class Trainer:
                 "Resume with the run's own train.epochs and batch size, or start a new run; "
                 "scheduler.name step or none can be extended.",
             )
-        load_model_state(s.model, payload["model"], "the checkpoint")
+        load_model_state(s.model, payload.get("trained_model", payload["model"]), "the checkpoint")
+        if self.average is not None:
+            if "average" in payload:
+                restore_average(self.average, payload["model"], payload["average"])
+            else:  # averaging switched on for a run that did not average: start it from these weights
+                self.average.update_parameters(s.model)
         s.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload.get("scheduler"):
             self.scheduler.load_state_dict(payload["scheduler"])
@@ -217,6 +236,11 @@ class Trainer:
             self.finished = tested[-1]
         else:
             self._write_metrics(write_jsonl, history)
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What is validated, tested and saved as ``model``: the weight average if ``train.ema``, else the model."""
+        return self.average.module if self.average is not None else self.state.model
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
         payload = self._payload()
@@ -248,11 +272,14 @@ class Trainer:
         for step, (images, labels) in enumerate(self.data.train):
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
+            targets = labels
+            if self.mixer is not None:
+                images, targets = self.mixer(images, labels)
             if step == 0:
                 self._emit("on_first_batch", images, labels)
             with autocast(device, self.amp):
                 logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=config.train.label_smoothing)
+                loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.train.grad_clip:
@@ -262,9 +289,11 @@ class Trainer:
             self.scaler.update()
             if self.scheduler_unit == "step":
                 self.scheduler.step()
+            if self.average is not None:
+                self.average.update_parameters(model)
             detached = loss.detach()
             losses[step] = detached
-            correct += (logits.detach().argmax(1) == labels).sum()
+            correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
             seen += labels.shape[0]
             s.global_step += 1
             self._emit("on_step", step, detached)
@@ -308,7 +337,7 @@ class Trainer:
                 batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
-                val = evaluate(s.model, self.data.val, self.device, self.amp)
+                val = evaluate(self.evaluated_model, self.data.val, self.device, self.amp, config.train.tta_flip)
                 if not math.isfinite(val["loss"]):
                     # The training losses were finite, so the last steps broke the weights: keep them out of last.pt.
                     raise self._diverged(
@@ -350,13 +379,13 @@ class Trainer:
         """Test accuracy of the best-validation weights (what ``best.pt`` holds)."""
         s = self.state
         best = checkpoint_path(self.run_dir, "best")
-        model = s.model
+        model = self.evaluated_model
         if best.is_file():
             model = model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)).to(self.device)
             if self.config.train.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             model._cnnvis_memory_format = memory_format(s.model)
-        result = evaluate(model, self.data.test, self.device, self.amp)
+        result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
         final = {
             "epoch": s.epoch,
             "step": s.global_step,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cnnvis.metrics.faithfulness import heatmap_methods
 from evaluation_helpers import CLASSES, train_tiny_run
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,6 +18,7 @@ from typer.testing import CliRunner
 
 from cnnvis.cli import app
 from cnnvis.commands.evaluate import class_metrics, confusion_matrix, evaluate_run
+from cnnvis.metrics.faithfulness import heatmap_methods
 from cnnvis.run import load_run, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second thread only adds overhead

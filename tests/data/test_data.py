@@ -24,12 +24,14 @@ def mnist_config(root: Path, **data) -> object:
 
 
 def folder_config(path: Path, **data) -> object:
+    """An image folder read through the DataLoader path (``in_memory: false``) unless ``data`` says otherwise."""
     return build_config(
         {
             "data": {
                 "dataset": "imagefolder",
                 "path": str(path),
                 "num_workers": 0,
+                "in_memory": False,
                 "batch_size": 4,
                 "eval_batch_size": 8,
                 "transforms": {"image_size": 16},

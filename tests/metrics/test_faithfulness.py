@@ -3,7 +3,6 @@ correlation and SSIM, and the cascading randomization test on a trained tiny mod
 
 from __future__ import annotations
 
-
 import pytest
 import scipy.stats
 import torch
@@ -29,7 +28,6 @@ from cnnvis.metrics.randomization import (
 from cnnvis.metrics.similarity import spearman, ssim
 from cnnvis.models import MnistCNN
 from cnnvis.run import load_run
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only waits
 

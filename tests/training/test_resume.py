@@ -101,16 +101,17 @@ def test_mnist_interrupted_and_resumed_equals_uninterrupted(mnist_root, tmp_path
     assert_metrics_continue(full, resumed, epochs=2)
 
 
-# ------------------------------------------------------------------ image folders, through a DataLoader
+# ------------------------------------------------------------------ image folders, through a DataLoader or in memory
 
 
-def folder_config(folder: Path, workers: int, **extra):
+def folder_config(folder: Path, workers: int, in_memory: bool = False, **extra):
     raw = {
         "name": "resume",
         "data": {
             "dataset": "imagefolder",
             "path": str(folder),
             "num_workers": workers,
+            "in_memory": in_memory,
             "batch_size": 4,
             "eval_batch_size": 16,
             "transforms": {"image_size": 16, "resize": 18, "random_crop": True, "flip": True, "color_jitter": 0.2},
@@ -124,12 +125,12 @@ def folder_config(folder: Path, workers: int, **extra):
 
 
 @pytest.mark.parametrize(
-    "workers, resume_from",
-    [(0, "run"), (1, "checkpoint")],  # 1 worker is what num_workers: auto picks on two cores
+    "workers, resume_from, in_memory",
+    [(0, "run", False), (1, "checkpoint", False), (0, "run", True)],  # 1 worker is what num_workers: auto picks on two cores
 )
-def test_imagefolder_interrupted_and_resumed_equals_uninterrupted(tiny_imagefolder, tmp_path, workers, resume_from):
+def test_imagefolder_interrupted_and_resumed_equals_uninterrupted(tiny_imagefolder, tmp_path, workers, resume_from, in_memory):
     folder = tiny_imagefolder(classes=3, per_class=10, size=20)
-    full, resumed = run_interrupted_and_resumed(folder_config(folder, workers), tmp_path, resume_from)
+    full, resumed = run_interrupted_and_resumed(folder_config(folder, workers, in_memory), tmp_path, resume_from)
     assert_same_state(full, resumed)
     assert_metrics_continue(full, resumed, epochs=2)
 
@@ -190,3 +191,17 @@ def test_resume_needs_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a cnnvis run"):
         Trainer(None, resume=tmp_path / "empty", device="cpu")
+
+
+def test_weight_average_mixing_and_flip_test_resume_exactly(tiny_imagefolder, tmp_path):
+    """EMA weights (what is evaluated and saved), MixUp/CutMix draws and the trained weights all
+    continue exactly after --resume."""
+    folder = tiny_imagefolder(classes=3, per_class=10, size=20)
+    config = folder_config(folder, 0, True, train={"epochs": 2, "ema": 0.9, "mixup": 0.2, "cutmix": 1.0, "tta_flip": True},
+                           optimizer={"weight_decay": 0.01, "decay_norm_and_bias": False})
+    full, resumed = run_interrupted_and_resumed(config, tmp_path)
+    assert_same_state(full, resumed)
+    assert_metrics_continue(full, resumed, epochs=2)
+    a, b = (load_checkpoint(run / "checkpoints" / "last.pt") for run in (full, resumed))
+    assert all(torch.equal(a["trained_model"][k], b["trained_model"][k]) for k in a["trained_model"])
+    assert a["average"] == b["average"] == {"n_averaged": 2 * 5}  # 18 training images, 4 a batch: 5 steps an epoch

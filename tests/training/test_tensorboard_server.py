@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from cnnvis.config import build_config
 from cnnvis.data import MNIST_MEAN, MNIST_STD, DataBundle, ImageSpec
-from cnnvis.data.mnist import DeviceBatches
+from cnnvis.data.tensors import DeviceBatches
 from cnnvis.training.tensorboard import TensorBoardListener
 from cnnvis.training.trainer import Trainer
 
