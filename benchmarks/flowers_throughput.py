@@ -1,16 +1,17 @@
-"""Flowers training throughput: does ``num_workers: auto`` keep the train step fed better than 0?
+"""Flowers training throughput: images decoded once and batched in memory vs decoded per batch by a DataLoader.
 
     python benchmarks/flowers_throughput.py                          # 20 timed batches per measurement
     python benchmarks/flowers_throughput.py --threads 1 --batches 10 --reps 1
     python benchmarks/flowers_throughput.py --device cuda --batches 50
 
-``configs/flowers5.yaml`` as shipped (ResNet-18, 112 px random crops of 128 px JPEGs, flip, colour
-jitter, batch 64), built by the real ``Trainer`` (its data pipeline, model, optimizer, scheduler)
-once with ``data.num_workers=auto`` and once with ``0``. Three things are measured, in images/s:
+``configs/flowers5.yaml`` as shipped, built by the real ``Trainer`` (its data pipeline, model,
+optimizer, scheduler) three times: ``data.in_memory=true`` (decoded once, augmented in batches on
+the device), and ``in_memory=false`` with ``data.num_workers=auto`` and with ``0`` (PIL decoding
+and torchvision transforms per image in a ``DataLoader``). Three things are measured, in images/s:
 
-* train: decode + augment + train step, through ``Trainer.train_one_epoch`` on the first
-  ``--warmup + --batches`` batches of the real training ``DataLoader``;
-* data pipeline only: iterating that ``DataLoader`` (decode + augment + collate), no model;
+* train: data + train step, through ``Trainer.train_one_epoch`` on the first
+  ``--warmup + --batches`` batches of the real training batches;
+* data pipeline only: iterating those batches (decode or slice + augment + collate), no model;
 * train step only: ``Trainer.train_one_epoch`` on batches decoded beforehand (held in memory),
   so nothing waits for data.
 
@@ -19,8 +20,8 @@ that decides the throughput; on a small CPU the step usually dominates). Each me
 ``--warmup`` batches (worker start-up, first-call costs) and times the next ``--batches``; on CUDA the
 device is synchronised before each clock reading. Both modes use the same thread count (printed;
 ``--threads`` sets it; DataLoader workers use one thread each, as PyTorch sets them) and alternate
-over ``--reps`` repetitions; the best repetition counts. The last line is the auto/0 ratio of the
-end-to-end train throughput.
+over ``--reps`` repetitions; the best repetition counts. The last line is the in-memory / DataLoader
+(auto workers) ratio of the end-to-end train throughput.
 """
 
 from __future__ import annotations
@@ -118,11 +119,13 @@ def main() -> None:
     overrides = list(args.overrides)
     if not any(o.startswith("data.root=") for o in overrides):
         overrides.append(f"data.root={REPO.parent / 'shared' / 'data'}")
-    modes = ("auto", "0")
+    settings = {"memory": ["data.in_memory=true"], "auto": ["data.in_memory=false", "data.num_workers=auto"],
+                "0": ["data.in_memory=false", "data.num_workers=0"]}
+    modes = tuple(settings)
     tmp = tempfile.TemporaryDirectory()
     trainers: dict[str, Trainer] = {}
     for mode in modes:
-        config = load_config(args.config, [*overrides, f"data.num_workers={mode}"])
+        config = load_config(args.config, [*overrides, *settings[mode]])
         trainers[mode] = Trainer(config, runs_dir=tmp.name, device=args.device)
     first = trainers[modes[0]]
     config, device = first.config, first.device
@@ -130,12 +133,13 @@ def main() -> None:
     full_batches = first.data.sizes["train"] // batch  # one epoch's full batches: the most one measurement can use
     if args.warmup + args.batches > full_batches:
         sys.exit(f"--warmup + --batches must be <= {full_batches} (full batches in one epoch of this training set)")
-    loaders = {mode: t.data.train for mode, t in trainers.items()}  # the real training DataLoaders
-    workers = {mode: resolve_workers(config.data.num_workers if mode == "auto" else 0) for mode in modes}
+    loaders = {mode: t.data.train for mode, t in trainers.items()}  # the real training batches
+    auto_workers = resolve_workers("auto")
+    workers = {"memory": "in memory", "auto": f"auto ({auto_workers})", "0": "0"}
     print(f"torch {torch.__version__}; device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
           f"torch.get_num_threads() = {torch.get_num_threads()} (both modes)")
     print(f"{args.config.name}: {config.model.arch}, batch {batch}, {config.data.transforms.image_size} px crops, "
-          f"{first.data.sizes['train']} training images; num_workers auto = {workers['auto']}; "
+          f"{first.data.sizes['train']} training images; num_workers auto = {auto_workers}; "
           f"{args.warmup} warm-up + {args.batches} timed batches, {args.reps} rep(s)\n", flush=True)
 
     train: dict[str, list[float]] = {m: [] for m in modes}
@@ -144,14 +148,14 @@ def main() -> None:
     for rep in range(args.reps):
         for mode in modes if rep % 2 == 0 else modes[::-1]:
             train[mode].append(timed_steps(trainers[mode], loaders[mode], args.warmup, args.batches))
-            print(f"  train, num_workers={mode}: {args.batches * batch / train[mode][-1]:.1f} images/s", flush=True)
+            print(f"  train, {workers[mode]}: {args.batches * batch / train[mode][-1]:.1f} images/s", flush=True)
         for mode in modes if rep % 2 == 0 else modes[::-1]:
             pipeline[mode].append(timed_loader(loaders[mode], args.warmup, args.batches))
-            print(f"  data pipeline only, num_workers={mode}: {args.batches * batch / pipeline[mode][-1]:.1f} images/s",
+            print(f"  data pipeline only, {workers[mode]}: {args.batches * batch / pipeline[mode][-1]:.1f} images/s",
                   flush=True)
-    preloaded = list(itertools.islice(iter(loaders["0"]), args.warmup + args.batches))  # decoded beforehand
+    preloaded = [(x.clone(), y.clone()) for x, y in itertools.islice(iter(loaders["memory"]), args.warmup + args.batches)]
     for rep in range(args.reps):
-        step_only.append(timed_steps(trainers["0"], preloaded, args.warmup, args.batches))
+        step_only.append(timed_steps(trainers["memory"], preloaded, args.warmup, args.batches))
         print(f"  train step only (preloaded batches): {args.batches * batch / step_only[-1]:.1f} images/s", flush=True)
     tmp.cleanup()
 
@@ -159,19 +163,19 @@ def main() -> None:
         return args.batches * batch / min(times)
 
     rows = [
-        *(("train (decode+augment+step)", f"{mode} ({workers[mode]})", train[mode]) for mode in modes),
-        *(("data pipeline only", f"{mode} ({workers[mode]})", pipeline[mode]) for mode in modes),
+        *(("train (data + step)", workers[mode], train[mode]) for mode in modes),
+        *(("data pipeline only", workers[mode], pipeline[mode]) for mode in modes),
         ("train step only (preloaded)", "-", step_only),
     ]
-    print(f"\n{'what':<30} {'num_workers':>12} {'images/s':>9} {'s/batch':>8} {'median images/s':>16}")
+    print(f"\n{'what':<30} {'batches from':>12} {'images/s':>9} {'s/batch':>8} {'median images/s':>16}")
     for what, mode, times in rows:
         print(f"{what:<30} {mode:>12} {rate(times):>9.1f} {min(times) / args.batches:>8.3f} "
               f"{args.batches * batch / statistics.median(times):>16.1f}")
-    fed = rate(pipeline["auto"]) >= rate(step_only)
-    print(f"data pipeline (auto) {'keeps up with' if fed else 'is SLOWER than'} the train step alone: "
-          f"{rate(pipeline['auto']):.0f} vs {rate(step_only):.0f} images/s"
-          f"{'' if fed else ' -> the step is starved by data'}")
-    print(f"ratio train images/s, num_workers auto / 0: {rate(train['auto']) / rate(train['0']):.2f}x")
+    for mode in modes:
+        fed = rate(pipeline[mode]) >= rate(step_only)
+        print(f"data pipeline ({workers[mode]}) {'keeps up with' if fed else 'is SLOWER than'} the train step alone: "
+              f"{rate(pipeline[mode]):.0f} vs {rate(step_only):.0f} images/s{'' if fed else ' -> the step is starved by data'}")
+    print(f"ratio train images/s, in memory / DataLoader with num_workers auto: {rate(train['memory']) / rate(train['auto']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""Data sets as batches for training and fixed images for every later command.
+
+* ``bundle.py``      -- :class:`ImageSpec` (class names, normalisation, channels, size) and :class:`DataBundle`
+* ``mnist.py``       -- MNIST decoded once, batched and augmented on the device
+* ``folders.py``     -- image folders and Flowers-102 through a ``DataLoader``, the stratified split
+* ``transforms.py``  -- normalisation statistics, evaluation and training transforms
+* ``images.py``      -- decoding any image file to RGB; finding unreadable files up front
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cnnvis.config import Config
+from cnnvis.data.bundle import BatchSource, DataBundle, FixedImages, ImageSpec, check_split
+from cnnvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD, eval_transform, train_transform
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "MNIST_MEAN", "MNIST_STD", "BatchSource", "DataBundle", "FixedImages",
+    "ImageSpec", "build_data", "check_split", "dataset_spec", "eval_transform", "train_transform",
+]
+
+
+def build_data(config: Config, device: torch.device | str = "cpu") -> DataBundle:
+    """Build the train/val/test batch sources described by ``config.data``."""
+    device = torch.device(device)
+    if config.data.dataset == "mnist":
+        from cnnvis.data.mnist import build_mnist
+
+        return build_mnist(config, device)
+    from cnnvis.data.folders import build_flowers102, build_imagefolder
+
+    builder = build_imagefolder if config.data.dataset == "imagefolder" else build_flowers102
+    return builder(config, device)
+
+
+def dataset_spec(config: Config) -> ImageSpec:
+    """The :class:`ImageSpec` of ``config.data`` without decoding any image (for summaries)."""
+    data = config.data
+    if data.dataset == "mnist":
+        from cnnvis.data.mnist import MNIST_SPEC
+
+        return MNIST_SPEC
+    from cnnvis.data.folders import FLOWERS102_CLASSES, folder_classes
+
+    names = FLOWERS102_CLASSES if data.dataset == "flowers102" else tuple(folder_classes(config)[1])
+    return ImageSpec(names, IMAGENET_MEAN, IMAGENET_STD, 3, data.transforms.image_size)

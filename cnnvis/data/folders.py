@@ -1,0 +1,243 @@
+"""Photos from files: any image folder (one sub-folder per class) and Oxford Flowers-102,
+decoded per sample through a ``DataLoader``, with a seeded stratified split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tv_datasets
+from torchvision.transforms import v2 as T
+
+from cnnvis.config import Config, TransformConfig, data_root
+from cnnvis.data.bundle import DataBundle, ImageSpec
+from cnnvis.data.images import check_images, load_rgb
+from cnnvis.data.tensors import DeviceBatches, NormalizedTensors
+from cnnvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from cnnvis.errors import DataError
+
+IN_MEMORY_LIMIT = 4 * 2**30  #: bytes of decoded images ``data.in_memory: auto`` keeps at most
+#: Flowers-102 ships no class names that torchvision reads; the classes are numbered
+FLOWERS102_CLASSES = tuple(f"flower {i}" for i in range(102))
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    """``auto``: one loader process per core but one, at most 8."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+class FileImages(Dataset):
+    """(path, label) pairs decoded with PIL, converted to RGB, then transformed."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: T.Compose) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(load_rgb(path)), label
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Per-class seeded shuffle, then the first shares go to test and val: every class in every split."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for label in sorted(by_class):
+        members = by_class[label]
+        order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        n_test = max(1, round(len(order) * test_fraction)) if len(order) >= 3 else 0
+        n_val = max(1, round(len(order) * val_fraction)) if len(order) >= 3 else 0
+        out["test"] += order[:n_test]
+        out["val"] += order[n_test : n_test + n_val]
+        out["train"] += order[n_test + n_val :]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        # Not for training: persistent workers keep their random state across epochs, so a
+        # resumed run (fresh workers) would augment differently from an uninterrupted one.
+        persistent_workers=workers > 0 and not shuffle,
+        # Every loader draws its worker seeds from its own generator, never from the global one
+        # (which dropout uses and the checkpoint restores): resumed runs stay identical.
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=False,
+    )
+
+
+def _photo_bundle(
+    config: Config,
+    device: torch.device,
+    samples: dict[str, list[tuple[str, int]]],
+    class_names: list[str],
+    skipped: list[tuple[str, str]],
+) -> DataBundle:
+    data, t = config.data, config.data.transforms
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if data.subset and data.subset < len(samples["train"]):
+        # A seeded random pick: the split is sorted by class, so its first N would be one class.
+        keep = torch.randperm(len(samples["train"]), generator=torch.Generator().manual_seed(config.seed))[: data.subset]
+        samples["train"] = [samples["train"][i] for i in sorted(keep.tolist())]
+    spec = ImageSpec(tuple(class_names), mean, std, 3, t.image_size)
+    if in_memory(config, sum(len(v) for v in samples.values())):
+        return _tensor_bundle(config, device, samples, spec, skipped)
+    evaluate = eval_transform(t, mean, std)
+    sets = {
+        "train": FileImages(samples["train"], train_transform(t, mean, std)),
+        "val": FileImages(samples["val"], evaluate),
+        "test": FileImages(samples["test"], evaluate),
+    }
+    workers = resolve_workers(data.num_workers)
+    loaders = {
+        split: _loader(ds, data.batch_size if split == "train" else data.eval_batch_size, split == "train", workers, device, config.seed)
+        for split, ds in sets.items()
+    }
+    return DataBundle(
+        train=loaders["train"],
+        val=loaders["val"],
+        test=loaders["test"],
+        spec=spec,
+        sizes={k: len(v) for k, v in sets.items()},
+        eval_sets={"val": sets["val"], "test": sets["test"]},
+        skipped=skipped,
+        root=data_root(data),
+        pipeline=f"decoded per batch, {workers} loader process(es)" if workers else "decoded per batch",
+    )
+
+
+def stored_side(t: TransformConfig) -> int:
+    """The side images are kept at in memory: what evaluation resizes to before its centre crop."""
+    return max(t.resize or t.image_size, t.image_size)
+
+
+def in_memory(config: Config, count: int) -> bool:
+    """``data.in_memory``, with ``auto`` deciding by size: decoded images within a quarter of the
+    machine's memory and at most :data:`IN_MEMORY_LIMIT` bytes."""
+    choice = config.data.in_memory
+    if choice != "auto":
+        return bool(choice)
+    side = stored_side(config.data.transforms)
+    try:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        budget = IN_MEMORY_LIMIT
+    return count * 3 * side * side <= min(budget, IN_MEMORY_LIMIT)
+
+
+def decode_all(paths: Sequence[str], side: int, workers: int = 4) -> Tensor:
+    """Every image as uint8 ``[N, 3, side, side]``: shorter side resized to ``side``, centre crop
+    (what :func:`~cnnvis.data.transforms.eval_transform` does before its own crop)."""
+    prepare = T.Compose([T.ToImage(), T.Resize(side, antialias=True), T.CenterCrop(side)])
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # PIL and the resize release the GIL
+        images = list(pool.map(lambda path: prepare(load_rgb(path)), paths))
+    return torch.stack(images) if images else torch.zeros(0, 3, side, side, dtype=torch.uint8)
+
+
+def _tensor_bundle(config: Config, device: torch.device, samples: dict[str, list[tuple[str, int]]],
+                   spec: ImageSpec, skipped: list[tuple[str, str]]) -> DataBundle:
+    """Every split decoded once into a uint8 tensor on ``device``; batches are augmented there."""
+    data, t = config.data, config.data.transforms
+    side = stored_side(t)
+    sources = {}
+    for split, items in samples.items():
+        images = decode_all([p for p, _ in items], side)
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        train = split == "train"
+        sources[split] = DeviceBatches(images, labels, data.batch_size if train else data.eval_batch_size, spec.mean,
+                                       spec.std, device, shuffle=train, augment=t if train else None, seed=config.seed,
+                                       size=t.image_size)
+    megabytes = sum(b.images.numel() for b in sources.values()) / 2**20
+    return DataBundle(
+        train=sources["train"], val=sources["val"], test=sources["test"], spec=spec,
+        sizes={k: len(v) for k, v in samples.items()},
+        eval_sets={"val": NormalizedTensors(sources["val"]), "test": NormalizedTensors(sources["test"])},
+        skipped=skipped, root=data_root(data),
+        pipeline=f"decoded once, {megabytes:.0f} MB of {side} px images on {device.type}, augmented in batches",
+    )
+
+
+def imagefolder_samples(config: Config) -> tuple[dict[str, list[tuple[str, int]]], list[str], list[tuple[str, str]]]:
+    """Find, check and split the images of an image folder; returns (splits, class names, skipped)."""
+    data = config.data
+    folder, classes = folder_classes(config)
+    candidates = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((folder / name).rglob("*"))
+        if path.is_file() and not path.name.startswith(".")
+    ]
+    good, skipped = check_images([p for p, _ in candidates])
+    good_set = set(good)
+    samples = [(p, label) for p, label in candidates if p in good_set]
+    counts = {name: 0 for name in classes}
+    for _, label in samples:
+        counts[classes[label]] += 1
+    empty = [name for name, count in counts.items() if count == 0]
+    if empty:
+        raise DataError(f"class folders with no readable images in {folder}: {', '.join(empty)}", "Remove them or add images.")
+    split = stratified_split([label for _, label in samples], data.val_fraction, data.test_fraction, config.seed)
+    return {k: [samples[i] for i in v] for k, v in split.items()}, classes, skipped
+
+
+def build_imagefolder(config: Config, device: torch.device) -> DataBundle:
+    samples, classes, skipped = imagefolder_samples(config)
+    return _photo_bundle(config, device, samples, classes, skipped)
+
+
+def build_flowers102(config: Config, device: torch.device) -> DataBundle:
+    data = config.data
+    root = data_root(data)
+    try:
+        import scipy.io  # noqa: F401  (torchvision reads the label files with it)
+    except ImportError:
+        raise DataError("flowers102 needs scipy to read its .mat label files: pip install scipy") from None
+    splits = {}
+    for split in ("train", "val", "test"):
+        try:
+            ds = tv_datasets.Flowers102(str(root), split=split, download=data.download)
+        except RuntimeError as exc:
+            raise DataError(
+                f"Flowers-102 not found in {root / 'flowers-102'} ({exc}).",
+                "Place 102flowers.tgz (extracted as jpg/), imagelabels.mat and setid.mat there, or enable data.download with internet.",
+            ) from None
+        except Exception as exc:
+            raise DataError(f"Flowers-102 download failed ({type(exc).__name__}: {exc}).",
+                            f"Place the files in {root / 'flowers-102'} by hand.") from None
+        splits[split] = [(str(p), int(label)) for p, label in zip(ds._image_files, ds._labels)]
+    return _photo_bundle(config, device, splits, list(FLOWERS102_CLASSES), [])
+
+
+def folder_classes(config: Config) -> tuple[Path, list[str]]:
+    """The image folder ``data.path`` (absolute, or under the data root) and its sorted class names."""
+    data = config.data
+    if not data.path:
+        raise DataError("data.path is not set: imagefolder needs a folder of class sub-folders.")
+    folder = Path(data.path).expanduser()
+    if not folder.is_absolute():
+        folder = data_root(data) / folder
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}", "Set data.path to a folder that holds one sub-folder per class.")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder} has no class sub-folders", "Put each class's images in a sub-folder named after the class.")
+    return folder, classes
