@@ -155,28 +155,20 @@ def visualize(
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
-    from cnnvis.device import resolve_device
-    from cnnvis.run import load_run
-    from cnnvis.training.tensorboard import LazyWriter
     from cnnvis.views import visualize_table
 
-    run = load_run(source, device=resolve_device(device))
-    writer = None if no_tensorboard else LazyWriter(run.run_dir)
-    try:
-        with console.status("drawing ...") as status:
-            result = visualize_command(
-                run, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
-                out_dir=out, writer=writer,
-                on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
-            )
-    finally:
-        if writer is not None:
-            writer.close()
+    with console.status("drawing ...") as status:
+        result = visualize_command(
+            source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
+            out_dir=out, device=device, tensorboard=not no_tensorboard,
+            on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
+        )
+    run = result.run
     title = f"{len(result.written)} picture(s) of {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
-    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
+    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if result.tensorboard else ""
     console.print(f"pictures in [bold]{escape(str(result.out_dir))}[/]{where}", soft_wrap=True)
 
 
@@ -201,26 +193,17 @@ def evaluate(
     Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations).
     """
     from cnnvis.commands.evaluate import evaluate_command
-    from cnnvis.device import resolve_device
-    from cnnvis.run import load_run
-    from cnnvis.training.tensorboard import LazyWriter
     from cnnvis.views import evaluation_table, faithfulness_table, worst_mistakes_line
 
     if not explanations and (method or layer):
         err_console.print("[yellow]note:[/] --method and --layer choose what --explanations checks; without it they are ignored")
-    run = load_run(source, device=resolve_device(device))
-    writer = None if no_tensorboard else LazyWriter(run.run_dir)
-    try:
-        with console.status("evaluating ...") as status:
-            outcome = evaluate_command(
-                run, split=split.value, wrong=wrong, out_dir=out, writer=writer, explanations=explanations,
-                images=images, methods=list(method), layer=layer, steps=steps,
-                on_progress=lambda text: status.update(f"{escape(text)} ..."),
-            )
-    finally:
-        if writer is not None:
-            writer.close()
-    ev = outcome.evaluation
+    with console.status("evaluating ...") as status:
+        outcome = evaluate_command(
+            source, split=split.value, wrong=wrong, out_dir=out, explanations=explanations, images=images,
+            methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard,
+            on_progress=lambda text: status.update(f"{escape(text)} ..."),
+        )
+    run, ev = outcome.run, outcome.evaluation
     console.print(evaluation_table(ev, f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"))
     if ev.wrong_count:
         console.print(worst_mistakes_line(ev), soft_wrap=True)
@@ -233,7 +216,7 @@ def evaluate(
     if outcome.faithfulness_files is not None:
         written += [outcome.faithfulness_files.json, outcome.faithfulness_files.csv, outcome.faithfulness_files.curves]
     names = ", ".join(p.name for p in written if p is not None)
-    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if writer is not None else ""
+    where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if outcome.tensorboard else ""
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
 
 
@@ -281,11 +264,11 @@ def data_check(
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""
     from cnnvis.config import load_config
-    from cnnvis.data import build_data
+    from cnnvis.data import check_data
     from cnnvis.views import split_sizes_table
 
     cfg = load_config(config, set_)
-    bundle = build_data(cfg, "cpu")
+    bundle = check_data(cfg)
     console.print(f"{cfg.data.dataset}: {bundle.num_classes} classes", soft_wrap=True)
     console.print(split_sizes_table(bundle))
     if bundle.skipped:

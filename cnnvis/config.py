@@ -20,6 +20,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from cnnvis.errors import ConfigError
@@ -54,6 +55,13 @@ class TransformConfig(Section):
     rotation: float = Field(0.0, ge=0, le=180, description="max random rotation in degrees")
     translate: float = Field(0.0, ge=0, lt=0.5, description="max random shift as a fraction of the side")
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast/saturation jitter")
+
+    @model_validator(mode="after")
+    def _resize_covers_the_crop(self) -> TransformConfig:
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be at least image_size ({self.image_size}): "
+                             "evaluation crops image_size pixels out of the resized image")
+        return self
 
 
 class DataConfig(Section):

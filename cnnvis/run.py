@@ -32,6 +32,18 @@ REPORT_FILE = "report.html"
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 
+class EvaluationFiles:
+    """The names of what ``cnnvis evaluate`` writes into ``RUN/evaluation/`` (and the report reads)."""
+
+    METRICS = "metrics.json"
+    PER_CLASS = "per_class.csv"
+    CONFUSION_MATRIX = "confusion_matrix.png"
+    CONFIDENTLY_WRONG = "confidently_wrong.png"
+    FAITHFULNESS = "faithfulness.json"
+    FAITHFULNESS_TABLE = "faithfulness.csv"
+    FAITHFULNESS_CURVES = "faithfulness_curves.png"
+
+
 def checkpoint_path(run_dir: str | Path, which: str) -> Path:
     """``RUN/checkpoints/<which>.pt`` (``which``: ``last`` or ``best``)."""
     return Path(run_dir) / CHECKPOINT_DIR / f"{which}.pt"
@@ -91,10 +103,13 @@ class LoadedRun:
         return self.config.model.arch
 
     def data(self, device: torch.device | str | None = None, hint: str = "Use the data the run was trained on.") -> DataBundle:
-        """The run's own data, checked to still fit the model (same number of classes; else ``hint``)."""
+        """The run's own data for evaluation, checked to still have the classes the model was
+        trained on (else ``hint``). Image files are read as they are needed, never all decoded
+        up front: a command that explains eight images must not decode the training set."""
         from cnnvis.data import build_data
 
-        bundle = build_data(self.config, self.device if device is None else device)
+        config = self.config.model_copy(update={"data": self.config.data.model_copy(update={"in_memory": False})})
+        bundle = build_data(config, self.device if device is None else device)
         bundle.check_fits(self.spec.class_names, self.checkpoint, hint)
         return bundle
 

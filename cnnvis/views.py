@@ -62,7 +62,8 @@ class ProgressListener(Listener):
             f"[bold]data[/] {data.sizes['train']} train / {data.sizes['val']} val / "
             f"{data.sizes['test']} test, {data.num_classes} classes, "
             f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]}), "
-            f"{data.pipeline}"
+            f"{data.pipeline}",
+            soft_wrap=True,  # paths stay whole, copyable
         )
 
     def on_epoch_start(self, state: TrainState) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +75,15 @@ def weights_only(path: Path) -> dict:
 
 def finite(payload: dict) -> bool:
     return all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread inside the block, the count restored after: tiny models on a shared
+    2-core machine run up to 20x slower with two threads that wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

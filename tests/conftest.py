@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pytest
 import torch
-from cli_helpers import cli, make_images, only_run, write_config
+from cli_helpers import cli, make_images, only_run, single_thread, write_config
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,17 +105,10 @@ def tiny_imagefolder(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """Run a test seeded and with one intra-op thread, then restore the count.
-
-    The test models are tiny; with two intra-op threads on a shared 2-core machine they run up to
-    20x slower (threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Run a test seeded and with one intra-op thread (see ``cli_helpers.single_thread``)."""
     torch.manual_seed(0)
-    try:
+    with single_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- one tiny trained run

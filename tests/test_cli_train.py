@@ -260,13 +260,19 @@ def test_set_data_root_beats_cnnvis_data_which_beats_the_file_and_the_header_say
     from cli_helpers import cli
     from cli_helpers import write_config as write_folder_config
 
-    config = write_folder_config(tmp_path / "c.yaml", Path(images.name))  # a relative path: read under data.root
-    monkeypatch.setenv("CNNVIS_DATA", str(tmp_path / "nowhere"))
-    out = cli("train", config, "--runs-dir", tmp_path / "runs", code=2)  # the environment beats the file's root
-    assert f"image folder not found: {tmp_path / 'nowhere' / images.name}" in out
-    out = cli("train", config, "--set", f"data.root={images.parent}", "--runs-dir", tmp_path / "runs", code=0)
-    assert f"from {images.parent} (data.root from --set)" in out  # --set beats the environment
+    relative = Path(images.name)  # data.path under data.root
+    in_file = write_folder_config(tmp_path / "f.yaml", relative, data={"root": str(tmp_path / "from-file")})
+    monkeypatch.setenv("CNNVIS_DATA", str(tmp_path / "from-env"))
+    out = cli("train", in_file, "--runs-dir", tmp_path / "runs", code=2)  # CNNVIS_DATA beats the file's root
+    assert f"image folder not found: {tmp_path / 'from-env' / images.name}" in out
+    out = cli("train", in_file, "--set", f"data.root={images.parent}", "--runs-dir", tmp_path / "runs", code=0)
+    assert f"from {images.parent} (data.root from --set)" in out  # --set beats CNNVIS_DATA
+    monkeypatch.setenv("CNNVIS_DATA", str(images.parent))
+    out = cli("train", in_file, "--runs-dir", tmp_path / "runs", code=0)
+    assert f"from {images.parent} (data.root from CNNVIS_DATA)" in out
     monkeypatch.delenv("CNNVIS_DATA")
-    in_file = write_folder_config(tmp_path / "f.yaml", Path(images.name), data={"root": str(images.parent)})
+    out = cli("train", in_file, "--runs-dir", tmp_path / "runs", code=2)  # the file's root, without the environment
+    assert f"image folder not found: {tmp_path / 'from-file' / images.name}" in out
+    in_file = write_folder_config(tmp_path / "g.yaml", relative, data={"root": str(images.parent)})
     out = cli("train", in_file, "--runs-dir", tmp_path / "runs", code=0)
     assert f"from {images.parent} (data.root from the config)" in out

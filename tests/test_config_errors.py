@@ -73,7 +73,7 @@ def test_out_of_range(tmp_path, text, expected):
     ("text", "expected"),
     [
         ("data:\n  dataset: mnst\n", "data.dataset = 'mnst': must be one of 'mnist', 'flowers102', 'imagefolder' (did you mean 'mnist'?)"),
-        ("model:\n  arch: resnet19\n", "model.arch = 'resnet19': unknown architecture (did you mean 'resnet18'?); choose one of: mnist_cnn, mnist_classic, resnet18"),
+        ("model:\n  arch: resnet19\n", "model.arch = 'resnet19': unknown architecture (did you mean 'resnet18'?); choose one of: mnist_cnn, mnist_classic, resnet_small, resnet18"),
         ("optimizer:\n  name: adamm\n", "optimizer.name = 'adamm': must be one of 'sgd', 'adam', 'adamw', 'adadelta'"),
         ("scheduler:\n  name: cosin\n", "scheduler.name = 'cosin': must be one of 'onecycle', 'cosine', 'step', 'none' (did you mean 'cosine'?)"),
     ],

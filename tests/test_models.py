@@ -20,7 +20,7 @@ RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 
 def test_registry_lists_every_architecture():
-    assert set(ARCHITECTURES) == {"mnist_cnn", "mnist_classic", *RESNETS}
+    assert set(ARCHITECTURES) == {"mnist_cnn", "mnist_classic", "resnet_small", *RESNETS}
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,8 @@ def test_registry_lists_every_architecture():
         ("mnist_classic", 7, 3, 32),
         ("resnet18", 5, 3, 32),
         ("resnet18", 10, 1, 28),
+        ("resnet_small", 5, 3, 96),
+        ("resnet_small", 10, 1, 28),
     ],
 )
 def test_forward_gives_one_logit_per_class(arch, num_classes, in_channels, size):
@@ -178,3 +180,17 @@ def test_pretrained_checkpoint_for_a_digit_net(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
     with pytest.raises(CheckpointError, match="shape"):
         build_model("mnist_cnn", 5, pretrained=str(path))
+
+
+def test_resnet_small_is_a_tenth_of_resnet18_with_its_layer_names_and_a_cam_head():
+    from cnnvis.vis import cam, default_layer
+
+    small, big = build_model("resnet_small", 5, 3, 96), build_model("resnet18", 5, 3, 96)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) == 1_231_525 and count(small) < count(big) / 9
+    assert default_layer(small) == default_layer(big) == "layer4"
+    small.eval()
+    maps = cam(small, torch.randn(2, 3, 96, 96))  # global average pooling + one linear layer
+    assert maps.shape == (2, 96, 96)
+    blocks = [m for m in small.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 4 and all(float(b.bn2.weight.abs().sum()) == 0 for b in blocks)  # residuals start as identity

@@ -27,37 +27,20 @@ from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.data import DataBundle, check_split
-from cnnvis.device import amp_dtype
+from cnnvis.device import amp_dtype, resolve_device
 from cnnvis.errors import ConfigError, DataError
 from cnnvis.io import to_jsonable, write_csv, write_json
+from cnnvis.metrics.classification import ClassMetrics, class_metrics, confusion_matrix
 from cnnvis.metrics.faithfulness import (
     FaithfulnessReport,
     faithfulness,
     heatmap_methods,
 )
-from cnnvis.run import EVALUATION_DIR, LoadedRun
+from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun, load_run
 from cnnvis.training.loop import predict_split
 from cnnvis.vis.hooks import get_layer
 
 DEFAULT_WRONG = 16  #: confidently wrong images shown
-
-
-@dataclass
-class ClassMetrics:
-    """One row of the per-class table.
-
-    ``accuracy`` is the one-vs-rest accuracy ``(TP + TN) / N`` of "is it this class?": the usual
-    "per-class accuracy" (correct / images of the class) is already the ``recall`` column.
-    Undefined ratios (a class never predicted has no precision) are NaN.
-    """
-
-    name: str
-    support: int  #: test images of this class
-    predicted: int  #: test images predicted as this class
-    precision: float
-    recall: float
-    f1: float
-    accuracy: float
 
 
 @dataclass
@@ -135,7 +118,7 @@ class Evaluation:
 
 
 @dataclass
-class EvaluationFiles:
+class EvaluationPaths:
     metrics: Path
     per_class: Path
     confusion_matrix: Path
@@ -143,31 +126,6 @@ class EvaluationFiles:
 
 
 # ----------------------------------------------------------------------------------- computing
-
-
-def confusion_matrix(targets: Tensor, predicted: Tensor, num_classes: int) -> Tensor:
-    """``[k, k]`` counts, rows: true class, columns: predicted class."""
-    k = num_classes
-    return torch.bincount(targets.long() * k + predicted.long(), minlength=k * k).reshape(k, k)
-
-
-def class_metrics(matrix: Tensor, class_names: list[str]) -> list[ClassMetrics]:
-    """Precision, recall, F1 and one-vs-rest accuracy of every class from a confusion matrix."""
-    m = matrix.double()
-    total = float(m.sum())
-    tp = m.diagonal()
-    support = m.sum(1)
-    predicted = m.sum(0)
-    nan = float("nan")
-    rows = []
-    for i, name in enumerate(class_names):
-        t, s, p = float(tp[i]), float(support[i]), float(predicted[i])
-        precision = t / p if p else nan
-        recall = t / s if s else nan
-        f1 = 2 * t / (s + p) if s + p else nan  # = harmonic mean of precision and recall, defined more often
-        tn = total - s - p + t
-        rows.append(ClassMetrics(name, int(s), int(p), precision, recall, f1, (t + tn) / total if total else nan))
-    return rows
 
 
 def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG, bundle: DataBundle | None = None) -> Evaluation:
@@ -212,7 +170,7 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
 # ----------------------------------------------------------------------------------- writing
 
 
-def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path | None = None, writer: Any = None) -> EvaluationFiles:
+def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path | None = None, writer: Any = None) -> EvaluationPaths:
     """Write the files listed in the module docstring to ``out_dir`` (default ``RUN/evaluation``);
     with ``writer`` (a ``SummaryWriter``) also the pictures and scalars to TensorBoard."""
     ev = evaluation
@@ -223,7 +181,7 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
 
     # short title: the figure is sized by the class count and a long title would be cut off
     matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {ev.count} images")
-    confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / "confusion_matrix.png",
+    confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / EvaluationFiles.CONFUSION_MATRIX,
                                    {**common, "rows": "true class", "columns": "predicted class",
                                     "class_names": names, "counts": ev.confusion.tolist()})
     wrong_png = None
@@ -234,7 +192,7 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
                  f"{ev.split} images · {where}")
         png = plots.image_grid_figure(ev.wrong_images, captions, title, mean=run.spec.mean, std=run.spec.std,
                                       columns=min(8, len(captions)), caption_colors=["#cf222e"] * len(captions))
-        wrong_png = plots.save_png(png, out / "confidently_wrong.png",
+        wrong_png = plots.save_png(png, out / EvaluationFiles.CONFIDENTLY_WRONG,
                                    {**common, "images": ev.to_dict()["confidently_wrong"], "misclassified": ev.wrong_count})
         if writer is not None:
             writer.add_image("evaluate/confidently_wrong", plots.figure_to_tensor(png), run.epoch, dataformats="CHW")
@@ -242,9 +200,9 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
     rows = [[c.name, c.support, c.predicted, *(_csv_number(v) for v in (c.precision, c.recall, c.f1, c.accuracy))]
             for c in ev.per_class]
     try:
-        per_class = write_csv(out / "per_class.csv",
+        per_class = write_csv(out / EvaluationFiles.PER_CLASS,
                               ["class", "support", "predicted", "precision", "recall", "f1", "accuracy_one_vs_rest"], rows)
-        metrics = write_json(out / "metrics.json", ev.to_dict())
+        metrics = write_json(out / EvaluationFiles.METRICS, ev.to_dict())
     except OSError as exc:
         raise DataError(f"cannot write the evaluation into {out}: {exc.strerror or exc}") from None
 
@@ -252,7 +210,7 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
         writer.add_image("evaluate/confusion_matrix", matrix_image, run.epoch, dataformats="CHW")
         writer.add_scalar(f"evaluate/accuracy_{ev.split}", ev.accuracy, run.epoch)
         writer.add_scalar(f"evaluate/loss_{ev.split}", ev.loss, run.epoch)
-    return EvaluationFiles(metrics, per_class, confusion_png, wrong_png)
+    return EvaluationPaths(metrics, per_class, confusion_png, wrong_png)
 
 
 def _csv_number(value: float) -> str:
@@ -301,14 +259,14 @@ def write_faithfulness(report: FaithfulnessReport, out_dir: str | Path, writer: 
     ``SummaryWriter``) the table as text and the curves as an image under ``evaluate/``."""
     out = Path(out_dir)
     png = plots.faithfulness_curves_figure(report, title)
-    curves_path = plots.save_png(png, out / "faithfulness_curves.png")
+    curves_path = plots.save_png(png, out / EvaluationFiles.FAITHFULNESS_CURVES)
     rows = [[r.rank, r.method, r.layer or "", f"{r.deletion_auc:.6g}", f"{r.insertion_auc:.6g}",
              f"{report.random_deletion_auc:.6g}", f"{report.random_insertion_auc:.6g}",
              f"{r.randomization.spearman:.6g}", f"{r.randomization.ssim:.6g}",
              "pass" if r.passed else "fail", "yes" if r.beats_random else "no"] for r in report.rows]
     try:
-        json_path = write_json(out / "faithfulness.json", report.to_dict())
-        csv_path = write_csv(out / "faithfulness.csv", FAITHFULNESS_CSV_COLUMNS, rows)
+        json_path = write_json(out / EvaluationFiles.FAITHFULNESS, report.to_dict())
+        csv_path = write_csv(out / EvaluationFiles.FAITHFULNESS_TABLE, FAITHFULNESS_CSV_COLUMNS, rows)
     except OSError as exc:
         raise DataError(f"cannot write the faithfulness table into {out}: {exc.strerror or exc}") from None
     if writer is not None:
@@ -331,14 +289,16 @@ class EvaluateOutcome:
     """Everything ``cnnvis evaluate`` computed and wrote."""
 
     evaluation: Evaluation
-    files: EvaluationFiles
+    files: EvaluationPaths
     faithfulness: FaithfulnessReport | None = None  #: with ``explanations``
     faithfulness_files: FaithfulnessFiles | None = None
     out_dir: Path | None = None
+    run: LoadedRun | None = None  #: the run that was evaluated
+    tensorboard: bool = False  #: whether pictures and scalars also went to TensorBoard
 
 
 def evaluate_command(
-    run: LoadedRun,
+    source: LoadedRun | str | Path,
     *,
     split: str = "test",
     wrong: int = DEFAULT_WRONG,
@@ -349,10 +309,31 @@ def evaluate_command(
     methods: list[str] | None = None,
     layer: str | None = None,
     steps: int = 16,
+    device: str = "auto",
+    tensorboard: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> EvaluateOutcome:
     """What ``cnnvis evaluate`` does: metrics and pictures, then (``explanations``) the faithfulness
-    table, all written to ``out_dir`` (default ``RUN/evaluation``) and to ``writer``."""
+    table, all written to ``out_dir`` (default ``RUN/evaluation``) and to ``writer`` (or, with
+    ``tensorboard``, to the run's own TensorBoard events).
+
+    ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    """
+    from cnnvis.training.tensorboard import LazyWriter
+
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
+    own_writer = LazyWriter(run.run_dir) if tensorboard and writer is None else None
+    try:
+        return _evaluate(run, split, wrong, out_dir, writer or own_writer, explanations, images, methods, layer, steps,
+                         on_progress)
+    finally:
+        if own_writer is not None:
+            own_writer.close()
+
+
+def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None, writer: Any, explanations: bool,
+              images: int, methods: list[str] | None, layer: str | None, steps: int,
+              on_progress: Callable[[str], None] | None) -> EvaluateOutcome:
     progress = on_progress or (lambda text: None)
     out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
     check_split(split)
@@ -370,7 +351,7 @@ def evaluate_command(
     progress(f"evaluating the {split} split")
     evaluation = evaluate_run(run, split, wrong, bundle)
     files = write_evaluation(evaluation, run, out, writer)
-    outcome = EvaluateOutcome(evaluation, files, out_dir=out)
+    outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None)
     if explanations:
         report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress)
         title = f"deletion and insertion on {report.images} {split} images · {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"

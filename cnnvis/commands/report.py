@@ -31,6 +31,7 @@ from cnnvis.run import (
     METRICS_FILE,
     REPORT_FILE,
     VISUALIZATIONS_DIR,
+    EvaluationFiles,
     read_metrics,
 )
 from cnnvis.vis.registry import METHODS
@@ -165,8 +166,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     epochs = [r for r in history if "train_loss" in r or "val_loss" in r]
     final = next((r for r in reversed(history) if "test_accuracy" in r), None)
     evaluation_dir = run / EVALUATION_DIR
-    evaluation: Evaluation | None = _read_typed(evaluation_dir / "metrics.json", Evaluation)
-    faithfulness: FaithfulnessReport | None = _read_typed(evaluation_dir / "faithfulness.json", FaithfulnessReport)
+    evaluation: Evaluation | None = _read_typed(evaluation_dir / EvaluationFiles.METRICS, Evaluation)
+    faithfulness: FaithfulnessReport | None = _read_typed(evaluation_dir / EvaluationFiles.FAITHFULNESS, FaithfulnessReport)
     try:
         config = yaml.safe_load(config_text) or {}
     except yaml.YAMLError:
@@ -193,12 +194,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     curves_png = plots.training_curves_figure(history)
     curves = Picture(_data_uri(curves_png), "loss and accuracy per epoch, from metrics.jsonl", "training curves", 1100) if curves_png else None
     confusion = wrong = faith_curves = None
-    if (evaluation_dir / "confusion_matrix.png").is_file():
-        confusion = _picture(evaluation_dir / "confusion_matrix.png", "rows: true class · columns: predicted class · colour: share of the true class", "confusion matrix")
-    if (evaluation_dir / "confidently_wrong.png").is_file():
-        wrong = _picture(evaluation_dir / "confidently_wrong.png", "the misclassified images the model was surest about", "confidently wrong images")
-    if faithfulness and (evaluation_dir / "faithfulness_curves.png").is_file():
-        faith_curves = _picture(evaluation_dir / "faithfulness_curves.png",
+    if (evaluation_dir / EvaluationFiles.CONFUSION_MATRIX).is_file():
+        confusion = _picture(evaluation_dir / EvaluationFiles.CONFUSION_MATRIX, "rows: true class · columns: predicted class · colour: share of the true class", "confusion matrix")
+    if (evaluation_dir / EvaluationFiles.CONFIDENTLY_WRONG).is_file():
+        wrong = _picture(evaluation_dir / EvaluationFiles.CONFIDENTLY_WRONG, "the misclassified images the model was surest about", "confidently wrong images")
+    if faithfulness and (evaluation_dir / EvaluationFiles.FAITHFULNESS_CURVES).is_file():
+        faith_curves = _picture(evaluation_dir / EvaluationFiles.FAITHFULNESS_CURVES,
                                 "mean target probability while pixels are deleted / inserted in each map's order; dashed: random order",
                                 "deletion and insertion curves")
     gallery = _gallery(run / VISUALIZATIONS_DIR)

@@ -25,7 +25,8 @@ from cnnvis import plots
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
 from cnnvis.errors import ConfigError, UnsupportedModelError
-from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun
+from cnnvis.device import resolve_device
+from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
@@ -68,6 +69,8 @@ class Result:
     written: list[Written] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     out_dir: Path | None = None
+    run: LoadedRun | None = None  #: the run that was explained
+    tensorboard: bool = False  #: whether the pictures also went to its TensorBoard events
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -84,7 +87,7 @@ def file_images(run: LoadedRun, paths: Sequence[str | Path]) -> ImageBatch:
     """The user's image files, preprocessed exactly like the run's evaluation images."""
     spec = run.spec
     transforms = run.config.data.transforms.model_copy(update={"image_size": spec.image_size})
-    if run.config.data.dataset == "mnist":  # digits were never resized: only a centre crop to 28 px
+    if run.config.data.dataset == "mnist":  # the digit pipeline has no resize step: scale the picture to 28 px
         transforms = transforms.model_copy(update={"resize": None})
     prepare = eval_transform(transforms, spec.mean, spec.std)
     tensors = []
@@ -327,7 +330,7 @@ class Visualizer:
 
 
 def visualize_command(
-    run: LoadedRun,
+    source: LoadedRun | str | Path,
     *,
     methods: Sequence[str] = (),
     layers: Sequence[str] = (),
@@ -336,13 +339,27 @@ def visualize_command(
     split: str = "test",
     target: str = "pred",
     out_dir: str | Path | None = None,
-    writer: Any = None,
+    device: str = "auto",
+    tensorboard: bool = False,
     on_written: Callable[[Written], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
     every method in ``methods`` (default: all), writing PNGs + sidecars to ``out_dir`` (default
-    ``RUN/visualizations``) and, given a ``SummaryWriter``, to TensorBoard."""
+    ``RUN/visualizations``) and, with ``tensorboard``, to the run's TensorBoard events.
+
+    ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    """
+    from cnnvis.training.tensorboard import LazyWriter
+
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
     batch = file_images(run, files) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
-    visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written)
-    return visualizer.run_methods(list(methods), list(layers))
+    writer = LazyWriter(run.run_dir) if tensorboard else None
+    try:
+        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written)
+        result = visualizer.run_methods(list(methods), list(layers))
+    finally:
+        if writer is not None:
+            writer.close()
+    result.run, result.tensorboard = run, tensorboard
+    return result

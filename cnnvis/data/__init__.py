@@ -2,7 +2,8 @@
 
 * ``bundle.py``      -- :class:`ImageSpec` (class names, normalisation, channels, size) and :class:`DataBundle`
 * ``mnist.py``       -- MNIST decoded once, batched and augmented on the device
-* ``folders.py``     -- image folders and Flowers-102 through a ``DataLoader``, the stratified split
+* ``folders.py``     -- image folders and Flowers-102 (in memory or through a ``DataLoader``), the stratified split
+* ``tensors.py``     -- uint8 images on the device: batches, batched per-image augmentation
 * ``transforms.py``  -- normalisation statistics, evaluation and training transforms
 * ``images.py``      -- decoding any image file to RGB; finding unreadable files up front
 """
@@ -12,12 +13,25 @@ from __future__ import annotations
 import torch
 
 from cnnvis.config import Config
-from cnnvis.data.bundle import BatchSource, DataBundle, FixedImages, ImageSpec, check_split
-from cnnvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MNIST_MEAN, MNIST_STD, eval_transform, train_transform
+from cnnvis.data.bundle import (
+    BatchSource,
+    DataBundle,
+    FixedImages,
+    ImageSpec,
+    check_split,
+)
+from cnnvis.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    eval_transform,
+    train_transform,
+)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "MNIST_MEAN", "MNIST_STD", "BatchSource", "DataBundle", "FixedImages",
-    "ImageSpec", "build_data", "check_split", "dataset_spec", "eval_transform", "train_transform",
+    "ImageSpec", "build_data", "check_data", "check_split", "dataset_spec", "eval_transform", "train_transform",
 ]
 
 
@@ -34,6 +48,13 @@ def build_data(config: Config, device: torch.device | str = "cpu") -> DataBundle
     return builder(config, device)
 
 
+def check_data(config: Config) -> DataBundle:
+    """The data of ``config`` with every image decoded once to find unreadable files (they are
+    skipped and listed in ``skipped``), read through the file pipeline: nothing is decoded twice."""
+    data = config.data.model_copy(update={"in_memory": False})
+    return build_data(config.model_copy(update={"data": data}), "cpu")
+
+
 def dataset_spec(config: Config) -> ImageSpec:
     """The :class:`ImageSpec` of ``config.data`` without decoding any image (for summaries)."""
     data = config.data
@@ -41,7 +62,7 @@ def dataset_spec(config: Config) -> ImageSpec:
         from cnnvis.data.mnist import MNIST_SPEC
 
         return MNIST_SPEC
-    from cnnvis.data.folders import FLOWERS102_CLASSES, folder_classes
+    from cnnvis.data.folders import FLOWERS102_CLASSES, folder_classes, photo_spec
 
-    names = FLOWERS102_CLASSES if data.dataset == "flowers102" else tuple(folder_classes(config)[1])
-    return ImageSpec(names, IMAGENET_MEAN, IMAGENET_STD, 3, data.transforms.image_size)
+    names = FLOWERS102_CLASSES if data.dataset == "flowers102" else folder_classes(config)[1]
+    return photo_spec(names, data.transforms)

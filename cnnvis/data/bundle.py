@@ -101,10 +101,16 @@ class DataBundle:
 
     def check_fits(self, class_names: Sequence[str], checkpoint: object,
                    hint: str = "Use the data the run was trained on.") -> None:
-        """Raise unless the data still has the classes ``checkpoint`` was trained on (same count)."""
-        if self.num_classes != len(class_names):
-            raise CheckpointError(
-                f"the data now has {self.num_classes} classes but {checkpoint} was trained on {len(class_names)}", hint)
+        """Raise unless the data has exactly the classes ``checkpoint`` was trained on, in its order."""
+        trained = [str(c) for c in class_names]
+        if list(self.spec.class_names) == trained:
+            return
+        added = [c for c in self.spec.class_names if c not in trained]
+        gone = [c for c in trained if c not in self.spec.class_names]
+        changes = "; ".join(part for part in (
+            f"new: {', '.join(added)}" if added else "", f"missing: {', '.join(gone)}" if gone else "") if part)
+        raise CheckpointError(f"the data now has {self.num_classes} classes but {checkpoint} was trained on "
+                              f"{len(trained)} ({changes or 'another order'})", hint)
 
 
 def check_split(split: str) -> None:

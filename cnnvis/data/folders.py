@@ -1,5 +1,8 @@
-"""Photos from files: any image folder (one sub-folder per class) and Oxford Flowers-102,
-decoded per sample through a ``DataLoader``, with a seeded stratified split.
+"""Photos from files: any image folder (one sub-folder per class) and Oxford Flowers-102, with a
+seeded stratified split. Training either decodes every image once into memory and augments whole
+batches on the device (:mod:`cnnvis.data.tensors`; ``data.in_memory``, by default when the
+decoded images fit), or decodes and augments per image in a ``DataLoader``. In memory, training
+crops come from the centre square of each image resized to the evaluation size (``resize``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from cnnvis.config import Config, TransformConfig, data_root
 from cnnvis.data.bundle import DataBundle, ImageSpec
 from cnnvis.data.images import check_images, load_rgb
 from cnnvis.data.tensors import DeviceBatches, NormalizedTensors
-from cnnvis.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from cnnvis.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    eval_transform,
+    train_transform,
+)
 from cnnvis.errors import DataError
 
 IN_MEMORY_LIMIT = 4 * 2**30  #: bytes of decoded images ``data.in_memory: auto`` keeps at most
@@ -93,17 +101,16 @@ def _photo_bundle(
     skipped: list[tuple[str, str]],
 ) -> DataBundle:
     data, t = config.data, config.data.transforms
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
     if data.subset and data.subset < len(samples["train"]):
         # A seeded random pick: the split is sorted by class, so its first N would be one class.
         keep = torch.randperm(len(samples["train"]), generator=torch.Generator().manual_seed(config.seed))[: data.subset]
         samples["train"] = [samples["train"][i] for i in sorted(keep.tolist())]
-    spec = ImageSpec(tuple(class_names), mean, std, 3, t.image_size)
+    spec = photo_spec(class_names, t)
     if in_memory(config, sum(len(v) for v in samples.values())):
         return _tensor_bundle(config, device, samples, spec, skipped)
-    evaluate = eval_transform(t, mean, std)
+    evaluate = eval_transform(t, spec.mean, spec.std)
     sets = {
-        "train": FileImages(samples["train"], train_transform(t, mean, std)),
+        "train": FileImages(samples["train"], train_transform(t, spec.mean, spec.std)),
         "val": FileImages(samples["val"], evaluate),
         "test": FileImages(samples["test"], evaluate),
     }
@@ -123,6 +130,12 @@ def _photo_bundle(
         root=data_root(data),
         pipeline=f"decoded per batch, {workers} loader process(es)" if workers else "decoded per batch",
     )
+
+
+def photo_spec(class_names: Sequence[str], t: TransformConfig) -> ImageSpec:
+    """Photos are RGB at ``image_size``, normalised with the ImageNet statistics (what pretrained
+    weights expect, and a fine default from scratch)."""
+    return ImageSpec(tuple(class_names), IMAGENET_MEAN, IMAGENET_STD, 3, t.image_size)
 
 
 def stored_side(t: TransformConfig) -> int:

@@ -12,15 +12,14 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 
-from cnnvis.config import Config, TransformConfig, data_root
+from cnnvis.config import Config, data_root
 from cnnvis.data.bundle import DataBundle, ImageSpec
 from cnnvis.data.tensors import DeviceBatches, NormalizedTensors
 from cnnvis.data.transforms import MNIST_MEAN, MNIST_STD

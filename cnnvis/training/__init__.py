@@ -2,7 +2,8 @@
 
 * ``loop.py``         -- evaluate a split, predict a split, find misclassified images
 * ``trainer.py``      -- :class:`Trainer` (checkpoints, resume, early stopping) and :class:`Listener`
-* ``optim.py``        -- optimizers and learning-rate schedules
+* ``optim.py``        -- optimizers (weight decay groups) and learning-rate schedules
+* ``regularize.py``   -- MixUp / CutMix batches and the exponential moving average of the weights
 * ``tensorboard.py``  -- :class:`TensorBoardListener`, everything a run logs
 """
 

@@ -56,7 +56,8 @@ def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp:
 
 
 def find_misclassified(
-    model: nn.Module, batches: Batches, device: torch.device, limit: int, amp: torch.dtype | None = None
+    model: nn.Module, batches: Batches, device: torch.device, limit: int, amp: torch.dtype | None = None,
+    tta_flip: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Up to ``limit`` misclassified images of a split, in split order: ``(images [n,C,H,W] on the
     CPU, true [n], predicted [n], predicted probability [n])``. Stops reading once it has enough."""
@@ -66,7 +67,7 @@ def find_misclassified(
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            prob, pred = model(images).float().softmax(1).max(1)
+            prob, pred = predict(model, images, tta_flip).float().softmax(1).max(1)
             wrong = (pred != labels).nonzero().flatten()[: limit - count]  # one sync per batch
             if wrong.numel():
                 found.append((images[wrong], labels[wrong], pred[wrong], prob[wrong]))

@@ -48,11 +48,13 @@ from cnnvis import plots
 from cnnvis.config import Config, config_to_dict, flatten
 from cnnvis.device import amp_dtype, eval_mode
 from cnnvis.errors import UnsupportedModelError
+from cnnvis.metrics.classification import confusion_matrix
 from cnnvis.run import EVENT_FILE_GLOB, checkpoint_path, load_run
 from cnnvis.training.loop import find_misclassified, predict_split
 from cnnvis.training.trainer import Listener, TrainState
-from cnnvis.vis.filters import filters, first_conv
+from cnnvis.vis.filters import first_conv
 from cnnvis.vis.maps import normalize_maps
+from cnnvis.vis.registry import METHODS, run_method
 
 INPUT_IMAGES = 32  # training inputs shown at the start
 HISTOGRAM_BINS = 64
@@ -243,12 +245,13 @@ class TensorBoardListener(Listener):
         except UnsupportedModelError:
             self._failed.add("filters")  # nothing to show for this model, and nothing wrong either
             return
-        grid = plots.filter_tiles(filters(state.model, name))
+        grid = plots.filter_tiles(run_method("filters", state.model, torch.zeros(0), "pred", name))
         self.writer.add_image(f"filters/{name}", grid, state.global_step, dataformats="CHW")
 
     def _write_misclassified(self, state: TrainState) -> None:
-        images, true, pred, prob = find_misclassified(state.model, state.data.val, state.device, self.log.misclassified,
-                                                      amp_dtype(state.config.train.amp, state.device))
+        train = state.config.train
+        images, true, pred, prob = find_misclassified(state.evaluated_model, state.data.val, state.device,
+                                                      self.log.misclassified, amp_dtype(train.amp, state.device), train.tta_flip)
         if images.shape[0] == 0:
             return
         spec = state.data.spec
@@ -261,16 +264,14 @@ class TensorBoardListener(Listener):
         self.writer.add_image("misclassified/val", plots.figure_to_tensor(png), state.global_step, dataformats="CHW")
 
     def _write_gradcam(self, state: TrainState) -> None:
-        from cnnvis.vis.gradcam import gradcam
-
         if self._explain_batch is None:
             fixed = state.data.fixed_batch("val", self.log.explain_images)
             self._explain_batch = (fixed.images.to(state.device), fixed.labels)
         images, _ = self._explain_batch
-        maps = gradcam(state.model, images, "pred", self._explain_layer).detach().float().cpu()
+        maps = run_method("gradcam", state.evaluated_model, images, "pred", self._explain_layer).detach().float().cpu()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # an untrained net's all-zero maps are expected, not news
-            maps01 = normalize_maps(maps, "minmax")
+            maps01 = normalize_maps(maps, METHODS["gradcam"].normalize)
         shown = plots.denormalize(images.float().cpu(), state.data.spec.mean, state.data.spec.std)
         over = plots.overlay(shown, maps01)
         rows = torch.cat([plots.to_rgb(shown), over])  # inputs above, where the network looks below
@@ -286,8 +287,7 @@ class TensorBoardListener(Listener):
         names = state.data.spec.class_names
         k = len(names)
         if self.log.confusion_matrix:
-            pred = logits.argmax(1)
-            matrix = torch.bincount(targets * k + pred, minlength=k * k).reshape(k, k)
+            matrix = confusion_matrix(targets, logits.argmax(1), k)
             image = plots.confusion_matrix_image(matrix, names, f"test set confusion matrix ({int(targets.numel())} images)")
             self.writer.add_image("confusion_matrix/test", image, step, dataformats="CHW")
         if self.log.pr_curves:
@@ -372,7 +372,7 @@ def _histogram_rows(tensors: Sequence[Tensor], bins: int) -> Tensor:
 def _best_model(state: TrainState) -> nn.Module:
     """The weights the test accuracy was measured with (``best.pt``), else the current model."""
     if not checkpoint_path(state.run_dir, "best").is_file():
-        return state.model
+        return state.evaluated_model
     return load_run(state.run_dir, state.device, prefer="best").model
 
 

@@ -61,6 +61,12 @@ class TrainState:
     best_val_accuracy: float = -1.0
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What is validated, tested, saved and explained: the weight average if any, else the model."""
+        return self.average if self.average is not None else self.model
 
 
 class Listener:
@@ -118,25 +124,14 @@ class Trainer:
         _seed_everything(config)
         self.data = data or build_data(config, self.device)
         spec = self.data.spec
-        if payload is not None and tuple(payload["meta"]["class_names"]) != spec.class_names:
-            trained = list(payload["meta"]["class_names"])
-            added = [c for c in spec.class_names if c not in trained]
-            gone = [c for c in trained if c not in spec.class_names]
-            changes = "; ".join(part for part in (
-                f"new: {', '.join(added)}" if added else "", f"missing: {', '.join(gone)}" if gone else "") if part)
-            raise ConfigError(
-                f"the data now has {self.data.num_classes} classes but {checkpoint} was trained on "
-                f"{len(trained)} ({changes or 'another order'}); resume needs the same classes.",
-                "Restore the class folders as they were, or start a new run.",
-            )
-        model = build_model(
+        if payload is not None:
+            self.data.check_fits(payload["meta"]["class_names"], checkpoint, "Resume needs the same classes: "
+                                 "restore the class folders as they were, or start a new run.")
+        model = self._placed(build_model(
             config.model.arch, spec.num_classes, spec.in_channels, spec.image_size,
             pretrained=config.model.pretrained if payload is None else None,
             freeze=config.model.freeze, dropout=config.model.dropout,
-        ).to(self.device)
-        if config.train.channels_last:  # faster convolutions on CUDA and on CPUs (oneDNN) alike
-            model = model.to(memory_format=torch.channels_last)
-            model._cnnvis_memory_format = torch.channels_last
+        ))
         self.amp = amp_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         optimizer = make_optimizer(config, model)
@@ -147,7 +142,8 @@ class Trainer:
         if payload is None:
             self.run_dir = create_run_dir(runs_dir, name or config.name)
             save_config(config, self.run_dir / CONFIG_FILE)
-        self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch)
+        self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch,
+                                average=self.average.module if self.average is not None else None)
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
         #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
         self.finished: dict[str, Any] | None = None
@@ -209,7 +205,14 @@ class Trainer:
                 restore_average(self.average, payload["model"], payload["average"])
             else:  # averaging switched on for a run that did not average: start it from these weights
                 self.average.update_parameters(s.model)
-        s.optimizer.load_state_dict(payload["optimizer"])
+        try:
+            s.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError:  # another number of parameter groups, or of parameters in them
+            raise ConfigError(
+                "the checkpoint's optimizer state does not fit this run's parameter groups "
+                "(was optimizer.decay_norm_and_bias or model.freeze changed?)",
+                "Resume with the run's own optimizer settings, or start a new run.",
+            ) from None
         if self.scheduler is not None and payload.get("scheduler"):
             self.scheduler.load_state_dict(payload["scheduler"])
         if payload.get("scaler"):
@@ -239,8 +242,16 @@ class Trainer:
 
     @property
     def evaluated_model(self) -> nn.Module:
-        """What is validated, tested and saved as ``model``: the weight average if ``train.ema``, else the model."""
-        return self.average.module if self.average is not None else self.state.model
+        return self.state.evaluated_model
+
+    def _placed(self, model: nn.Module) -> nn.Module:
+        """``model`` on the run's device, in channels_last when ``train.channels_last`` (faster
+        convolutions on CUDA and on CPUs through oneDNN alike), with that choice noted on it."""
+        model = model.to(self.device)
+        if self.config.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            model._cnnvis_memory_format = torch.channels_last
+        return model
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
         payload = self._payload()
@@ -381,10 +392,7 @@ class Trainer:
         best = checkpoint_path(self.run_dir, "best")
         model = self.evaluated_model
         if best.is_file():
-            model = model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)).to(self.device)
-            if self.config.train.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            model._cnnvis_memory_format = memory_format(s.model)
+            model = self._placed(model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)))
         result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
         final = {
             "epoch": s.epoch,

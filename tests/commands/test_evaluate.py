@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import single_thread
 from evaluation_helpers import CLASSES, train_tiny_run
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from cnnvis.cli import app
-from cnnvis.commands.evaluate import class_metrics, confusion_matrix, evaluate_run
+from cnnvis.commands.evaluate import evaluate_run
+from cnnvis.metrics.classification import class_metrics, confusion_matrix
 from cnnvis.metrics.faithfulness import heatmap_methods
 from cnnvis.run import load_run, read_metrics
 
@@ -26,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second thread
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.set_num_threads(1)
-    return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
+    with single_thread():
+        return train_tiny_run(tmp_path_factory.mktemp("evaluate"))
 
 
 @pytest.fixture

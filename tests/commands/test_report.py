@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from cli_helpers import single_thread
 from evaluation_helpers import CLASSES, train_tiny_run
 from PIL import Image
 from typer.testing import CliRunner
@@ -33,11 +33,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second thread
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run with everything the report shows: evaluation, faithfulness table, two methods' pictures."""
-    torch.set_num_threads(1)
-    run_dir = train_tiny_run(tmp_path_factory.mktemp("report"))
-    run = load_run(run_dir)
-    evaluate_command(run, explanations=True, images=4, steps=4, methods=["gradcam", "saliency", "guided-backprop"])
-    Visualizer(run, dataset_images(run, "test", 4), run_dir / "visualizations").run_methods(["gradcam", "filters"])
+    with single_thread():
+        run_dir = train_tiny_run(tmp_path_factory.mktemp("report"))
+        run = load_run(run_dir)
+        evaluate_command(run, explanations=True, images=4, steps=4, methods=["gradcam", "saliency", "guided-backprop"])
+        Visualizer(run, dataset_images(run, "test", 4), run_dir / "visualizations").run_methods(["gradcam", "filters"])
     return run_dir
 
 

@@ -11,12 +11,11 @@ import torch
 import torchvision
 from PIL import Image
 
-from cnnvis.config import build_config
-from cnnvis.config import data_root
+from cnnvis.config import build_config, data_root
 from cnnvis.data import IMAGENET_MEAN, IMAGENET_STD, build_data
+from cnnvis.data.images import check_image, load_rgb, to_rgb
 from cnnvis.data.mnist import MNIST_FILES, load_mnist_tensors, split_indices
 from cnnvis.errors import DataError
-from cnnvis.data.images import check_image, load_rgb, to_rgb
 
 
 def mnist_config(root: Path, **data) -> object:

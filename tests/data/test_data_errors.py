@@ -3,38 +3,33 @@
 from __future__ import annotations
 
 import errno
-import json
-import os
-import re
 import shutil
 import socket
 import struct
-import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
+from cli_helpers import (
+    PIL_DEFAULT_LIMIT,
+    cli,
+    make_images,
+    only_run,
+    weights_only,
+    write_config,
+)
 from PIL import Image
-from typer.testing import CliRunner
 
-import cnnvis
-from cnnvis import checkpoint as ckpt
-from cnnvis.data import mnist as data_module
 from cnnvis.checkpoint import load_checkpoint, save_checkpoint
-from cnnvis.cli import app
 from cnnvis.config import build_config
+from cnnvis.data import mnist as data_module
 from cnnvis.data.folders import imagefolder_samples
-from cnnvis.errors import CheckpointError, DataError
 from cnnvis.data.images import load_rgb
+from cnnvis.errors import CheckpointError, DataError
 from cnnvis.run import load_run
-from cnnvis.training.trainer import Trainer
-
-
-from cli_helpers import PACKAGE, PIL_DEFAULT_LIMIT, cli, finite, make_images, only_run, weights_only, write_config
 
 
 def test_missing_mnist_offline_names_the_four_files_and_the_folder(tmp_path, monkeypatch):
@@ -184,7 +179,7 @@ def test_class_count_changed_since_the_checkpoint_on_resume(tmp_path, images):
     shutil.copytree(folder / "class_0", folder / "class_3")  # a class added after training
     out = cli("train", "--resume", run, code=2)
     assert f"the data now has 4 classes but {run / 'checkpoints' / 'last.pt'} was trained on 3 (new: class_3)" in out
-    assert "resume needs the same classes. Restore the class folders as they were, or start a new run." in out
+    assert "(new: class_3). Resume needs the same classes: restore the class folders as they were, or start a new run." in out
 
 
 def test_class_count_that_disagrees_with_the_weights_when_visualizing(run_copy):

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from cnnvis.config import build_config
-from cnnvis.data import build_data
-from cnnvis.data import folders
+from cnnvis.data import build_data, folders
 from cnnvis.data.tensors import BatchAugment, DeviceBatches
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import scipy.stats
 import torch
+from cli_helpers import single_thread
 from evaluation_helpers import train_tiny_run
 from torch import nn
 
@@ -146,9 +147,9 @@ def test_cascade_goes_from_the_head_down_and_leaves_the_model_alone():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
-    run = load_run(train_tiny_run(tmp_path_factory.mktemp("faithfulness")))
-    images = build_data(run.config).fixed_batch("test", 8).images
+    with single_thread():
+        run = load_run(train_tiny_run(tmp_path_factory.mktemp("faithfulness")))
+        images = build_data(run.config).fixed_batch("test", 8).images
     return run, images
 
 
