@@ -68,7 +68,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     except OSError as exc:
         raise TrainingError(
             f"could not write checkpoint {path}: {exc.strerror or exc}",
-            "Free disk space or choose a writable --runs-dir; the previous checkpoint is intact.",
+            "Free disk space or choose a writable runs directory; the previous checkpoint is intact.",
         ) from None
     finally:
         if tmp is not None:

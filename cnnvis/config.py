@@ -328,7 +328,7 @@ def save_config(config: Config, path: str | Path) -> None:
     try:
         atomic_write(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode("utf-8"))
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", "Free disk space or choose a writable --runs-dir.") from None
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}", "Free disk space or choose a writable runs directory.") from None
 
 
 def flatten(config: Config) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from torch import nn
 
 from cnnvis.errors import ConfigError
 
-AmpSetting = str  # "auto" | "bf16" | "fp16" | "off" (config.train.amp)
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` (CUDA when there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked against this machine."""
@@ -32,8 +30,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def amp_dtype(amp: AmpSetting, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` on ``device``: mixed precision is a CUDA feature here."""
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` (auto, bf16, fp16 or off) on ``device``: mixed precision is a CUDA feature here."""
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):

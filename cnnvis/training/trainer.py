@@ -115,7 +115,7 @@ class Trainer:
             if config.model.arch != saved_arch:
                 raise ConfigError(
                     f"{checkpoint} holds a {saved_arch} model; a resumed run cannot switch to model.arch = {config.model.arch}.",
-                    "Drop --set model.arch, or start a new run for the other architecture.",
+                    "Keep the run's model.arch, or start a new run for the other architecture.",
                 )
             self.run_dir = run_dir
         elif config is None:
@@ -381,7 +381,7 @@ class Trainer:
             size = getattr(config.data, batch_key)
             raise TrainingError(
                 f"out of memory on {self.device} {where} (data.{batch_key} = {size}).",
-                f"Try a smaller batch size, e.g. --set data.{batch_key}={max(1, size // 2)}",
+                f"Try a smaller batch size, e.g. data.{batch_key}={max(1, size // 2)}",
             ) from None
         self._emit("on_train_end", final)
         return final

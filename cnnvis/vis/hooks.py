@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
+from cnnvis.device import eval_mode
 from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
 
 #: What ``targets`` may be: ``"pred"`` (the model's argmax), one class index for every image,
@@ -156,18 +157,15 @@ def model_state(model: nn.Module, *, grad: bool) -> Iterator[None]:
     With ``grad=False`` the body runs under ``torch.no_grad()``. Restoration happens even if the
     body raises; BatchNorm running statistics are never updated because the model is in eval mode.
     """
-    training = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
-        if grad:
-            for p, _ in requires:
-                p.requires_grad_(False)
-        with torch.inference_mode(False), torch.set_grad_enabled(grad):
-            yield
+        with eval_mode(model):
+            if grad:
+                for p, _ in requires:
+                    p.requires_grad_(False)
+            with torch.inference_mode(False), torch.set_grad_enabled(grad):
+                yield
     finally:
-        for m, flag in training:
-            m.training = flag
         for p, flag in requires:
             p.requires_grad_(flag)
 

@@ -52,7 +52,7 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, config, monkeypatch):
     monkeypatch.setattr(Trainer, "train_one_epoch", oom)
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=1)
     assert "out of memory on cpu in epoch 1 (data.batch_size = 4)" in out
-    assert "Try a smaller batch size, e.g. --set data.batch_size=2" in out
+    assert "Try a smaller batch size, e.g. data.batch_size=2" in out
 
 
 def test_out_of_memory_while_testing_names_the_eval_batch_size(tmp_path, config, monkeypatch):
@@ -62,7 +62,7 @@ def test_out_of_memory_while_testing_names_the_eval_batch_size(tmp_path, config,
     monkeypatch.setattr(Trainer, "test", oom)
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=1)
     assert "out of memory on cpu while testing (data.eval_batch_size = 64)" in out
-    assert "--set data.eval_batch_size=32" in out
+    assert "e.g. data.eval_batch_size=32" in out
 
 
 def test_ctrl_c_mid_epoch_in_process(tmp_path, config, monkeypatch):
@@ -134,7 +134,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, config, monkeypatch):
     out = cli("train", config, "--set", "train.epochs=2", "--runs-dir", tmp_path / "runs", code=1)
     run = only_run(tmp_path / "runs")
     assert f"error: could not write checkpoint {run / 'checkpoints' / 'last.pt'}: No space left on device." in out
-    assert "Free disk space or choose a writable --runs-dir; the previous checkpoint is intact." in out
+    assert "Free disk space or choose a writable runs directory; the previous checkpoint is intact." in out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"], "a half-written file was left"
     last = weights_only(run / "checkpoints" / "last.pt")
     assert last["epoch"] == 0 and finite(last)
@@ -171,7 +171,7 @@ def test_run_dir_made_read_only_during_training(tmp_path, config, monkeypatch):
     out = cli("train", config, "--set", "train.epochs=2", "--runs-dir", runs, code=1)
     run = only_run(runs)
     assert f"error: could not write checkpoint {run / 'checkpoints' / 'best.pt'}: Permission denied." in out
-    assert "Free disk space or choose a writable --runs-dir; the previous checkpoint is intact." in out
+    assert "Free disk space or choose a writable runs directory; the previous checkpoint is intact." in out
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
     assert weights_only(run / "checkpoints" / "last.pt")["epoch"] == 0
 
