@@ -193,4 +193,4 @@ def test_resnet_small_is_a_tenth_of_resnet18_with_its_layer_names_and_a_cam_head
     maps = cam(small, torch.randn(2, 3, 96, 96))  # global average pooling + one linear layer
     assert maps.shape == (2, 96, 96)
     blocks = [m for m in small.modules() if type(m).__name__ == "BasicBlock"]
-    assert len(blocks) == 4 and all(float(b.bn2.weight.abs().sum()) == 0 for b in blocks)  # residuals start as identity
+    assert len(blocks) == 4 and all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)  # residuals start as identity
