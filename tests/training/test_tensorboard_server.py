@@ -17,40 +17,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from torch.utils.data import TensorDataset
+from tb_helpers import gray_bundle
 
 from cnnvis.config import build_config
-from cnnvis.data import MNIST_MEAN, MNIST_STD, DataBundle, ImageSpec
-from cnnvis.data.tensors import DeviceBatches
 from cnnvis.training.tensorboard import TensorBoardListener
 from cnnvis.training.trainer import Trainer
 
 pytest.importorskip("tensorboard")
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
-
-
-def tiny_bundle() -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    cpu = torch.device("cpu")
-
-    def pictures(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(n) % 2
-        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
-        images[labels == 1, 10:18, :] = 230
-        return images, labels
-
-    def normalised(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
-        return TensorDataset((images.float().div(255).unsqueeze(1) - MNIST_MEAN[0]) / MNIST_STD[0], labels)
-
-    tr, va, te = pictures(32), pictures(16), pictures(16)
-    batches = lambda d, shuffle: DeviceBatches(*d, 8, MNIST_MEAN, MNIST_STD, cpu, shuffle=shuffle)  # noqa: E731
-    return DataBundle(
-        train=batches(tr, True), val=batches(va, False), test=batches(te, False),
-        spec=ImageSpec(("zero", "one"), MNIST_MEAN, MNIST_STD, 1, 28), sizes={"train": 32, "val": 16, "test": 16},
-        eval_sets={"val": normalised(*va), "test": normalised(*te)},
-    )
 
 
 def free_port() -> int:
@@ -87,7 +62,7 @@ def wait_until_served(base: str, process: subprocess.Popen, run: str, log: Path)
 
 def test_tensorboard_serves_the_run(tmp_path):
     config = build_config({"name": "served", "scheduler": {"name": "step"}, "train": {"epochs": 1, "log_every": 2}, "log": {"explain_images": 4}})
-    trainer = Trainer(config, runs_dir=tmp_path / "runs", device="cpu", data=tiny_bundle())
+    trainer = Trainer(config, runs_dir=tmp_path / "runs", device="cpu", data=gray_bundle())
     trainer.listeners.append(TensorBoardListener(trainer.run_dir, config))
     try:
         trainer.fit()
