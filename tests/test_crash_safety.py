@@ -35,7 +35,9 @@ def write_config(path: Path, folder: Path, epochs: int) -> Path:
     """Many tiny steps: 16x16 images, 2 a batch, one thread, no TensorBoard."""
     config = {
         "name": "crash",
-        "data": {"dataset": "imagefolder", "path": str(folder), "num_workers": 0, "batch_size": 2,
+        # through the DataLoader: decoding per batch keeps an epoch a few tenths of a second long,
+        # long enough for a signal to land inside it (in memory, ten epochs take well under one)
+        "data": {"dataset": "imagefolder", "path": str(folder), "num_workers": 0, "in_memory": False, "batch_size": 2,
                  "eval_batch_size": 64, "transforms": {"image_size": 16}},
         "model": {"arch": "mnist_cnn"},
         "scheduler": {"name": "step"},
