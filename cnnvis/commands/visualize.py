@@ -251,7 +251,9 @@ class Visualizer:
             parameters = {**spec.defaults, **params}
             if details is not None:
                 parameters |= {"window": list(details.window), "stride": list(details.stride)}
-            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode)
+            # occlusion: incremental or full forward passes, and why a full forward (an unsupported layer)
+            extra = {"computation": details.computation} if details is not None else {}
+            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode, **extra)
             self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
             if details is not None:
                 self._occlusion_classes(details, captions, colors, parameters)
@@ -277,7 +279,7 @@ class Visualizer:
             lines.append(f"{caption}\npredicted while covered: {share}")
         png = plots.image_grid_figure(blended, lines, self._title("class predicted with each window covered", None),
                                       caption_colors=colors, columns=4)
-        sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
+        sidecar = self._sidecar("occlusion", None, parameters, computation=found.computation, predicted_per_window=[
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
         ])
         self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)

@@ -22,12 +22,18 @@ MIN_BATCH = 32
 MAX_BATCH = 4096
 
 
-def batch_size(images: Tensor, requested: int | None = None, *, backward: bool = False) -> int:
-    """``requested`` if given (checked to be >= 1), else the budget's count for one of ``images``."""
+def batch_size(images: Tensor, requested: int | None = None, *, backward: bool = False,
+               sample_elements: int | None = None) -> int:
+    """``requested`` if given (checked to be >= 1), else the budget's count for one of ``images``.
+
+    ``sample_elements``: the size of the largest tensor one sample puts through the model, where
+    that is not the image (incremental occlusion runs on changed patches and whole deeper maps).
+    """
     if requested is not None:
         if int(requested) < 1:
             raise VisError(f"batch_size must be >= 1, got {requested}")
         return int(requested)
     budgets = BACKWARD_ELEMENTS if backward else FORWARD_ELEMENTS
     budget = budgets["cuda" if images.device.type == "cuda" else "cpu"]
-    return max(MIN_BATCH, min(MAX_BATCH, budget // max(1, images[0].numel())))
+    per_sample = images[0].numel() if sample_elements is None else sample_elements
+    return max(MIN_BATCH, min(MAX_BATCH, budget // max(1, per_sample)))

@@ -94,7 +94,7 @@ class IncrementalOcclusion:
             raise ValueError(f"approximate must be in (0, 1], got {approximate!r}")
         self.gm, self.ops = trace(model)
         self.x, self.fill, self.tau = images, fill, approximate
-        n, _, h, w = images.shape
+        _, _, h, w = images.shape
         dev = images.device
         nh, nw = math.ceil((h - window[0]) / stride[0]) + 1, math.ceil((w - window[1]) / stride[1]) + 1
         rows_lo, cols_lo = torch.arange(nh, device=dev) * stride[0], torch.arange(nw, device=dev) * stride[1]
@@ -125,6 +125,8 @@ class IncrementalOcclusion:
         """Follow the changed region through the graph and pick, per node, rectangles or whole maps."""
         self.first_whole: str | None = None
         self.macs = [0, 0]  # multiply-adds per occluded copy: [this plan, whole maps]
+        #: the largest tensor one occluded copy puts through the plan (for the batching rule)
+        self.sample_elements = 1
         for op in self.ops:
             node = op.node
             deps = [self.mode[i] for i in op.inputs if self.mode[i] != "const"]
@@ -139,11 +141,13 @@ class IncrementalOcclusion:
             if op.kind == "window" and isinstance(self.base[node], Tensor):
                 full = self.base[node].shape[-2] * self.base[node].shape[-1] * op.window.macs_per_output
                 self.macs[1] += full
-            whole = "whole" in deps
+            whole = "whole" in deps or "gpool" in deps  # a global pool's output is a whole (1x1) map
             if not whole:
                 whole = self._plan_changed(op)
             if whole:
                 self.mode[node] = "whole"
+                if isinstance(self.base[node], Tensor) and self.base[node].ndim:
+                    self.sample_elements = max(self.sample_elements, self.base[node][0].numel())
                 if self.first_whole is None and op.kind not in ("output", "gpool"):
                     self.first_whole = op.name
                 if op.kind == "window":
@@ -151,6 +155,24 @@ class IncrementalOcclusion:
             elif op.kind == "window":
                 rows, cols = self.spans[node]
                 self.macs[0] += rows.length() * cols.length() * op.window.macs_per_output
+                crop = self.base[op.inputs[0]].shape[1] * ((rows.length() - 1) * op.window.stride[0] + op.window.kernel[0]) \
+                    * ((cols.length() - 1) * op.window.stride[1] + op.window.kernel[1])
+                self.sample_elements = max(self.sample_elements, crop)
+
+        # pointwise nodes whose input, within a batch, is a fresh tensor read by no other node
+        self.inplace = {op.node for op in self.ops if op.kind == "pointwise" and self._sole_reader(op)}
+
+    def _sole_reader(self, op: Op) -> bool:
+        source = op.inputs[0]
+        kinds = {o.node: o.kind for o in self.ops}
+        while True:
+            if len(source.users) != 1 or self.mode[source] == "const":
+                return False
+            if kinds[source] not in ("alias", "window", "add", "pointwise"):
+                return False
+            if kinds[source] != "alias":
+                return True
+            source = source.all_input_nodes[0]
 
     def _plan_changed(self, op: Op) -> bool:
         """Plan ``op`` whose inputs are all rectangles; True if it must run on whole maps."""
@@ -209,13 +231,13 @@ class IncrementalOcclusion:
             elif mode == "gpool":
                 env[node] = self._gpool(op, env, img)
             elif mode == "whole":
-                args = {i: self._whole(i, env[i], img) if self.mode[i] == "changed" else env[i] for i in op.inputs}
+                args = {i: self._whole(i, env[i], img) if self.mode[i] == "changed" else env.get(i) for i in op.inputs}
                 if op.kind == "output":
                     return args[op.inputs[0]]
                 for i in op.inputs:
                     if self.mode[i] == "const":
                         args[i] = self.base[i]
-                env[node] = run_node(self.gm, op, args)
+                env[node] = run_node(self.gm, op, args, inplace=op.node in self.inplace)
             else:
                 env[node] = self._changed(op, env, rows, cols, img, q)
         raise NotSupported("the graph has no output")  # unreachable for traced graphs
@@ -241,7 +263,10 @@ class IncrementalOcclusion:
         node = op.node
         if op.kind in ("pointwise", "alias"):
             src: Changed = env[op.inputs[0]]
-            return Changed(src.patch if op.kind == "alias" else op.fn(src.patch), src.y0, src.x0)
+            if op.kind == "alias":
+                return Changed(src.patch, src.y0, src.x0)
+            fn = op.fn_ if node in self.inplace and op.fn_ is not None else op.fn
+            return Changed(fn(src.patch), src.y0, src.x0)
         y0, h, x0, w = self._rect(node, rows, cols)
         if op.kind == "window":
             win = op.window

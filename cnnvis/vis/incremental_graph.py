@@ -68,6 +68,8 @@ class Op:
     inputs: list[fx.Node]
     window: Window | None = None
     fn: Callable[[Tensor], Tensor] | None = None  #: the pointwise function
+    #: its in-place form, used on a batch's fresh tensors that nothing else reads (ReLU only)
+    fn_: Callable[[Tensor], Tensor] | None = None
 
 
 def _ints(value: Any) -> tuple[int, int]:
@@ -163,6 +165,8 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, list[Op]]:
                 op.kind, op.window = "window", _pool(module)
             elif isinstance(module, _POINTWISE_MODULES) or _is_eval_bn(module):
                 op.kind, op.fn = "pointwise", _pointwise_module(module)
+                if type(module) is nn.ReLU:
+                    op.fn_ = torch.relu_
             elif isinstance(module, _IDENTITY_MODULES):
                 op.kind, op.fn = "pointwise", (lambda t: t)
             elif isinstance(module, nn.AdaptiveAvgPool2d) and _ints(module.output_size) == (1, 1):
@@ -177,12 +181,16 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, list[Op]]:
                 op.kind = "add"
             elif node.target in _POINTWISE_FUNCTIONS and len(tensor_args) == 1:
                 op.kind, op.fn = "pointwise", _POINTWISE_FUNCTIONS[node.target]
+                if node.target in (F.relu, torch.relu):
+                    op.fn_ = torch.relu_
             elif node.target in _SINK_FUNCTIONS:
                 op.kind = "sink"
             op.name = getattr(node.target, "__name__", str(node.target))
         elif node.op == "call_method":
             if node.target in _POINTWISE_METHODS and len(node.args) == 1 and not node.kwargs:
                 op.kind, op.fn = "pointwise", _POINTWISE_METHODS[node.target]
+                if node.target in ("relu", "relu_"):
+                    op.fn_ = torch.relu_
             elif node.target in _SINK_METHODS:
                 op.kind = "sink"
             op.name = f".{node.target}()"
@@ -190,8 +198,11 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, list[Op]]:
     return gm, ops
 
 
-def run_node(gm: fx.GraphModule, op: Op, env: dict[fx.Node, Any]) -> Any:
-    """Run one node on whole maps: the engine's own ops for the kinds it knows, the model's otherwise."""
+def run_node(gm: fx.GraphModule, op: Op, env: dict[fx.Node, Any], inplace: bool = False) -> Any:
+    """Run one node on whole maps: the engine's own ops for the kinds it knows, the model's otherwise.
+
+    ``inplace``: the pointwise input is a fresh tensor no other node reads, so it may be overwritten.
+    """
     node = op.node
     if op.kind == "alias":
         return env[op.inputs[0]]
@@ -200,7 +211,7 @@ def run_node(gm: fx.GraphModule, op: Op, env: dict[fx.Node, Any]) -> Any:
         return op.window.run(env[op.inputs[0]], op.window.padding)
     if op.kind == "pointwise":
         assert op.fn is not None
-        return op.fn(env[op.inputs[0]])
+        return (op.fn_ if inplace and op.fn_ is not None else op.fn)(env[op.inputs[0]])
     if op.kind == "add":
         return env[op.inputs[0]] + env[op.inputs[1]]  # never in place: the operands may be cached
     args = fx.node.map_arg(node.args, lambda n: env[n])

@@ -7,7 +7,10 @@ class. The per-pixel heatmap is the score drop ``score(x) - score(x occluded)`` 
 windows that cover the pixel, which is exactly Captum's definition when ``score="logit"``.
 ``score="prob"`` (default) uses the softmax probability of the target class instead.
 
-Speed: all (position, image) pairs are flattened and evaluated ``batch_size`` at a time; occluded
+Speed: by default the occluded copies' logits come from :mod:`cnnvis.vis.incremental`, which
+recomputes each layer only where the window changed it (Krypton: Nakandala, Kumar &
+Papakonstantinou, SIGMOD 2019) -- exact to float tolerance -- when it understands every layer the
+window's change passes through; otherwise (or with ``incremental=False``) all (position, image) pairs are flattened and evaluated ``batch_size`` at a time; occluded
 copies are built with one broadcast ``torch.where`` per batch from row/column window masks, and the
 averaging over windows is a ``conv_transpose2d`` with a ones kernel. On CPU the forward passes run
 through a conv-BN-fused, oneDNN-layout copy of the model (``torch.fx`` ``optimize_for_inference``)
@@ -19,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,10 @@ from torch import Tensor, nn
 from cnnvis.errors import VisError
 from cnnvis.vis.batching import batch_size as batching_rule
 from cnnvis.vis.hooks import Targets, check_images, model_state, resolve_targets
+from cnnvis.vis.incremental import IncrementalOcclusion, NotSupported
 
 Score = Literal["prob", "logit"]
+Incremental = Union[bool, Literal["auto"]]
 
 
 @dataclass
@@ -48,6 +53,8 @@ class OcclusionMaps:
     targets: Tensor  #: [N] target classes
     window: tuple[int, int]
     stride: tuple[int, int]
+    #: how the occluded logits were computed: "incremental ...", or "full forward" and why
+    computation: str = "full forward"
 
 
 def default_window(height: int, width: int) -> int:
@@ -83,6 +90,29 @@ def _inference_copy(model: nn.Module, sample: Tensor) -> nn.Module:
     return fast if ok else model
 
 
+def _engine(model: nn.Module, x: Tensor, fill: Tensor, window: tuple[int, int], stride: tuple[int, int],
+            incremental: Incremental, approximate: float | None, optimize: bool) -> tuple[IncrementalOcclusion | None, str]:
+    """The incremental engine when it is wanted and understands the model, else None and why not."""
+    if incremental not in (True, False, "auto"):
+        raise VisError(f"occlusion incremental must be True, False or 'auto', got {incremental!r}")
+    if approximate is not None and not (isinstance(approximate, (int, float)) and 0.0 < approximate <= 1.0):
+        raise VisError(f"occlusion approximate must be None or a share of the map in (0, 1], got {approximate!r}")
+    if incremental is False or (incremental == "auto" and not optimize and approximate is None):
+        if approximate is not None:
+            raise VisError("occlusion approximate needs the incremental engine; leave incremental at 'auto' or True")
+        return None, "full forward: incremental=False" if incremental is False else "full forward: optimize=False"
+    try:
+        engine = IncrementalOcclusion(model, x, fill, window, stride, approximate)
+    except NotSupported as exc:
+        if incremental is True or approximate is not None:
+            raise VisError(f"incremental occlusion cannot run on {type(model).__name__}: {exc}",
+                           "Pass incremental='auto' (or False) for full forward passes.") from None
+        return None, f"full forward: {exc}"
+    how = "exact" if approximate is None else f"approximate, tau={approximate:g}"
+    whole = f"whole maps from {engine.first_whole}" if engine.first_whole else "changed rectangles throughout"
+    return engine, f"incremental ({how}; {whole})"
+
+
 def occlusion_maps(
     model: nn.Module,
     images: Tensor,
@@ -94,6 +124,8 @@ def occlusion_maps(
     score: Score = "prob",
     batch_size: int | None = None,
     optimize: bool = True,
+    incremental: Incremental = "auto",
+    approximate: float | None = None,
 ) -> OcclusionMaps:
     """Slide an occluding window over each image; see :class:`OcclusionMaps` for what comes back.
 
@@ -101,7 +133,13 @@ def occlusion_maps(
     fill value in normalised input space (scalar or tensor broadcastable to the images).
     ``batch_size`` is the number of occluded images per forward pass (Captum's
     ``perturbations_per_eval`` times N); the default is :func:`cnnvis.vis.batching.batch_size`'s.
-    ``optimize=False`` runs the user's model as is instead of a fused copy.
+    ``incremental="auto"`` recomputes only the changed part of each layer
+    (:mod:`cnnvis.vis.incremental`) when it understands the model and falls back to full forward
+    passes otherwise (``OcclusionMaps.computation`` says which and why); ``True`` raises instead of
+    falling back, ``False`` always runs full forwards. ``approximate=tau`` (off by default) caps each
+    layer's changed region at ``tau`` of the map's side, Krypton's projective-field threshold: faster,
+    no longer exact. ``optimize=False`` runs the user's model as is (full forwards, no fused copy)
+    unless ``incremental=True`` or ``approximate`` asks for the engine.
     """
     check_images(model, images)
     if score not in ("prob", "logit"):
@@ -115,7 +153,6 @@ def occlusion_maps(
         raise VisError(f"occlusion stride {(sh, sw)} larger than the window {(kh, kw)} would leave pixels uncovered")
     nh, nw = math.ceil((h - kh) / sh) + 1, math.ceil((w - kw) / sw) + 1
     total = nh * nw * n
-    batch = batching_rule(images, batch_size)
 
     dev = images.device
     with model_state(model, grad=False):
@@ -128,7 +165,13 @@ def occlusion_maps(
         logits = model(x)
         t = resolve_targets(targets, logits)
         base_score = _score(logits, t, score)
-        net = _inference_copy(model, x[: min(n, 8)]) if optimize else model
+        engine, computation = _engine(model, x, fill, (kh, kw), (sh, sw), incremental, approximate, optimize)
+        if engine is not None:
+            batch = batching_rule(images, batch_size, sample_elements=engine.sample_elements)
+            net = None
+        else:
+            batch = batching_rule(images, batch_size)
+            net = _inference_copy(model, x[: min(n, 8)]) if optimize else model
         # window masks along each axis: rows[i, y] is True where window row-position i covers pixel row y
         ys, xs = torch.arange(h, device=dev), torch.arange(w, device=dev)
         top, left = torch.arange(nh, device=dev)[:, None] * sh, torch.arange(nw, device=dev)[:, None] * sw
@@ -138,11 +181,14 @@ def occlusion_maps(
         for start in range(0, total, batch):
             q = torch.arange(start, min(start + batch, total), device=dev)
             pos, img = q // n, q % n  # position-major: each image appears once per position
-            mask = rows[pos // nw][:, :, None] & cols[pos % nw][:, None, :]
-            out = net(torch.where(mask[:, None], fill[img], x[img]))
+            if engine is not None:
+                out = engine.logits(pos // nw, pos % nw, img)
+            else:
+                mask = rows[pos // nw][:, :, None] & cols[pos % nw][:, None, :]
+                out = net(torch.where(mask[:, None], fill[img], x[img]))
             scores[start : start + len(q)] = _score(out, t[img], score)
             predicted[start : start + len(q)] = out.argmax(dim=1)
-        del net
+        del net, engine
 
     grid_score = scores.view(nh, nw, n).permute(2, 0, 1)
     drop = base_score.view(n, 1, 1) - grid_score
@@ -158,6 +204,7 @@ def occlusion_maps(
         targets=t,
         window=(kh, kw),
         stride=(sh, sw),
+        computation=computation,
     )
 
 
@@ -172,9 +219,11 @@ def occlusion(
     score: Score = "prob",
     batch_size: int | None = None,
     optimize: bool = True,
+    incremental: Incremental = "auto",
+    approximate: float | None = None,
 ) -> Tensor:
     """Occlusion heatmaps ``[N, H, W]``: mean drop of the target's probability (or logit) when covered."""
     return occlusion_maps(
         model, images, targets, window=window, stride=stride, baseline=baseline, score=score,
-        batch_size=batch_size, optimize=optimize,
+        batch_size=batch_size, optimize=optimize, incremental=incremental, approximate=approximate,
     ).heatmap
