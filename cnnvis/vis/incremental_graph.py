@@ -135,7 +135,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, list[Op]]:
     """Trace ``model`` and classify every node; raises :class:`NotSupported` when it cannot be traced."""
     try:
         gm = fx.symbolic_trace(model)
-    except Exception as exc:  # any tracing failure (data-dependent control flow, ...) means: full forward
+    except Exception as exc:  # noqa: BLE001 -- any tracing failure (control flow on values, ...): full forward
         raise NotSupported(f"the model cannot be traced with torch.fx ({type(exc).__name__})") from None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from cnnvis.vis.hooks import Targets, check_images, model_state, resolve_targets
 from cnnvis.vis.incremental import IncrementalOcclusion, NotSupported
 
 Score = Literal["prob", "logit"]
-Incremental = Union[bool, Literal["auto"]]
+Incremental = bool | Literal["auto"]
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _inference_copy(model: nn.Module, sample: Tensor) -> nn.Module:
             warnings.simplefilter("ignore")
             fast = optimize_for_inference(model)
             ok = torch.allclose(fast(sample), model(sample), rtol=1e-4, atol=1e-5)
-    except Exception:  # not traceable, unsupported op, ...: the plain model is always correct
+    except Exception:  # noqa: BLE001 -- not traceable, unsupported op, ...: the plain model is always correct
         return model
     return fast if ok else model
 
@@ -144,7 +144,7 @@ def occlusion_maps(
     check_images(model, images)
     if score not in ("prob", "logit"):
         raise VisError(f"occlusion score must be 'prob' or 'logit', got {score!r}")
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     kh, kw = _pair(window if window is not None else default_window(h, w), "window")
     sh, sw = _pair(stride if stride is not None else (max(1, kh // 2), max(1, kw // 2)), "stride")
     if kh > h or kw > w:

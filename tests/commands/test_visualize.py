@@ -94,7 +94,10 @@ def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
     assert gradcam["layer"] == "features.13" and gradcam["target"] == "pred"
     assert gradcam["targets"] == gradcam["predicted"] and len(gradcam["images"]) == len(gradcam["true"])
     assert set(gradcam["true"]) <= set(CLASSES)
-    assert sidecar(folder / "occlusion" / "occlusion.png")["parameters"]["window"] == [3, 3]
+    occlusion = sidecar(folder / "occlusion" / "occlusion.png")
+    assert occlusion["parameters"]["window"] == [3, 3] and occlusion["parameters"]["incremental"] == "auto"
+    assert occlusion["computation"].startswith("incremental (exact")  # or "full forward: <why>"
+    assert sidecar(folder / "occlusion" / "predicted-class.png")["computation"] == occlusion["computation"]
     assert sidecar(folder / "maximize" / "classes.png")["classes"] == CLASSES
     assert f"pictures in {folder}" in out
     events = EventAccumulator(str(run), size_guidance={"images": 0})
