@@ -167,7 +167,7 @@ def occlusion_maps(
         base_score = _score(logits, t, score)
         engine, computation = _engine(model, x, fill, (kh, kw), (sh, sw), incremental, approximate, optimize)
         if engine is not None:
-            batch = batching_rule(images, batch_size, sample_elements=engine.sample_elements)
+            batch = batching_rule(images, batch_size, activation_elements=engine.sample_elements)
             net = None
         else:
             batch = batching_rule(images, batch_size)
