@@ -14,7 +14,8 @@ Where things are:
   ``upsample``, ``gaussian_blur``
 * ``batching.py``   -- the one rule for how many samples go through the model per pass
 * ``activations.py`` feature maps        * ``filters.py``  conv weights
-* ``occlusion.py``  occlusion sensitivity (probability or logit drop, predicted class per position)
+* ``occlusion.py``  occlusion sensitivity (probability or logit drop, predicted class per position);
+  ``incremental.py`` + ``incremental_graph.py`` recompute only what each window changes (Krypton)
 * ``cam_base.py``   shared CAM computation; ``cam.py`` CAM, ``gradcam.py`` Grad-CAM,
   ``gradcampp.py`` Grad-CAM++, ``guided_gradcam.py`` Guided Grad-CAM
 * ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``smoothgrad.py``,

@@ -31,9 +31,11 @@ from torch import Tensor, fx, nn
 
 from cnnvis.vis.incremental_graph import NotSupported, Op, run_node, trace
 
-#: a layer whose changed rectangle covers this share of its map (or more) is computed whole; below it
-#: the rectangle's halo, the gather and small convolutions cost more per output pixel than a full map
-FULL_FRACTION = 0.5
+#: a layer whose changed rectangle covers this share of its map (or more) is computed whole, and so is
+#: everything after it. Gathering a rectangle's input costs little next to its convolution, so only a
+#: rectangle that is nearly the map is not worth it: on ResNet-18 (224 px, 16/8) and mnist_cnn (4/1),
+#: one thread, 0.9 and 1.0 ran 1.1-1.4x faster than 0.5 or 0.7 (the machine was shared; noisy)
+FULL_FRACTION = 0.9
 
 __all__ = ["FULL_FRACTION", "IncrementalOcclusion", "NotSupported"]
 
