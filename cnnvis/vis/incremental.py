@@ -31,13 +31,17 @@ from torch import Tensor, fx, nn
 
 from cnnvis.vis.incremental_graph import NotSupported, Op, run_node, trace
 
+#: float elements the cached maps of one engine may take (0.5 GiB in float32, counting the gather tables);
+#: more images than fit are swept in turns (:meth:`IncrementalOcclusion.images_per_cache`)
+CACHE_ELEMENTS = 2**27
+
 #: a layer whose changed rectangle covers this share of its map (or more) is computed whole, and so is
 #: everything after it. Gathering a rectangle's input costs little next to its convolution, so only a
 #: rectangle that is nearly the map is not worth it: on ResNet-18 (224 px, 16/8) and mnist_cnn (4/1),
 #: one thread, 0.9 and 1.0 ran 1.1-1.4x faster than 0.5 or 0.7 (the machine was shared; noisy)
 FULL_FRACTION = 0.9
 
-__all__ = ["FULL_FRACTION", "IncrementalOcclusion", "NotSupported"]
+__all__ = ["CACHE_ELEMENTS", "FULL_FRACTION", "IncrementalOcclusion", "NotSupported"]
 
 
 @dataclass
@@ -215,6 +219,12 @@ class IncrementalOcclusion:
         if op.kind in ("sink", "output"):
             return True
         raise NotSupported(f"{op.name} is not supported")
+
+    def images_per_cache(self) -> int:
+        """How many images an engine may hold within :data:`CACHE_ELEMENTS`, judged from this one's cache."""
+        unique = {t.data_ptr(): t.numel() for t in self.base.values() if isinstance(t, Tensor) and t.ndim == 4}
+        per_image = 2 * sum(unique.values()) // len(self.x)  # the maps, and their channels-last gather tables
+        return max(1, CACHE_ELEMENTS // max(1, per_image))
 
     # ------------------------------------------------------------------ one batch
 

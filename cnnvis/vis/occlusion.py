@@ -165,11 +165,14 @@ def occlusion_maps(
         logits = model(x)
         t = resolve_targets(targets, logits)
         base_score = _score(logits, t, score)
-        engine, computation = _engine(model, x, fill, (kh, kw), (sh, sw), incremental, approximate, optimize)
+        # a probe on the first image decides incremental or not, and how many images one cache may hold
+        engine, computation = _engine(model, x[:1], fill[:1], (kh, kw), (sh, sw), incremental, approximate, optimize)
         if engine is not None:
-            batch = batching_rule(images, batch_size, activation_elements=engine.sample_elements)
+            per_cache = engine.images_per_cache()
+            chunks = [(i, min(i + per_cache, n)) for i in range(0, n, per_cache)]
             net = None
         else:
+            chunks = [(0, n)]
             batch = batching_rule(images, batch_size)
             net = _inference_copy(model, x[: min(n, 8)]) if optimize else model
         # window masks along each axis: rows[i, y] is True where window row-position i covers pixel row y
@@ -178,16 +181,23 @@ def occlusion_maps(
         rows, cols = (ys >= top) & (ys < top + kh), (xs >= left) & (xs < left + kw)
         scores = torch.empty(total, dtype=logits.dtype, device=dev)
         predicted = torch.empty(total, dtype=torch.long, device=dev)
-        for start in range(0, total, batch):
-            q = torch.arange(start, min(start + batch, total), device=dev)
-            pos, img = q // n, q % n  # position-major: each image appears once per position
+        for first, end in chunks:
+            m = end - first
             if engine is not None:
-                out = engine.logits(pos // nw, pos % nw, img)
-            else:
-                mask = rows[pos // nw][:, :, None] & cols[pos % nw][:, None, :]
-                out = net(torch.where(mask[:, None], fill[img], x[img]))
-            scores[start : start + len(q)] = _score(out, t[img], score)
-            predicted[start : start + len(q)] = out.argmax(dim=1)
+                if (first, end) != (0, 1):
+                    engine = IncrementalOcclusion(model, x[first:end], fill[first:end], (kh, kw), (sh, sw), approximate)
+                batch = batching_rule(images, batch_size, activation_elements=engine.sample_elements)
+            for start in range(0, nh * nw * m, batch):
+                q = torch.arange(start, min(start + batch, nh * nw * m), device=dev)
+                pos, img = q // m, q % m  # position-major: each image appears once per position
+                if engine is not None:
+                    out = engine.logits(pos // nw, pos % nw, img)
+                else:
+                    mask = rows[pos // nw][:, :, None] & cols[pos % nw][:, None, :]
+                    out = net(torch.where(mask[:, None], fill[img], x[img]))
+                slots = pos * n + first + img
+                scores[slots] = _score(out, t[first + img], score)
+                predicted[slots] = out.argmax(dim=1)
         del net, engine
 
     grid_score = scores.view(nh, nw, n).permute(2, 0, 1)

@@ -162,6 +162,17 @@ def test_batch_of_images_equals_each_image_alone_at_any_batch_size() -> None:
         close(together.score[i : i + 1], alone.score)
 
 
+def test_images_beyond_one_cache_are_swept_in_turns(monkeypatch) -> None:
+    import cnnvis.vis.incremental as incremental
+
+    model = TinyCNN().eval()
+    images = torch.randn(5, 1, 16, 16)
+    one_cache = occlusion_maps(model, images, window=4, stride=4)
+    monkeypatch.setattr(incremental, "CACHE_ELEMENTS", 1)  # one image per cache
+    in_turns = occlusion_maps(model, images, window=4, stride=4, batch_size=3)
+    same_maps(in_turns, one_cache)
+
+
 def test_approximate_mode_is_off_by_default_and_close_to_exact() -> None:
     model = _net("resnet_small")
     images = torch.randn(1, 3, 64, 64)
