@@ -183,6 +183,8 @@ class IncrementalOcclusion:
     def _plan_changed(self, op: Op) -> bool:
         """Plan ``op`` whose inputs are all rectangles; True if it must run on whole maps."""
         node = op.node
+        if any(self.mode[i] == "const" for i in op.inputs) and op.kind not in ("sink", "output"):
+            raise NotSupported(f"{op.name} mixes a constant tensor into the changed maps")
         if op.kind in ("pointwise", "alias"):
             self.spans[node] = self.spans[op.inputs[0]]
             self.mode[node] = "changed"

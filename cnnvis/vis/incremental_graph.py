@@ -150,6 +150,8 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, list[Op]]:
         op = Op(node, "other", str(node.target), inputs)
         if node.op in ("placeholder", "output"):
             op.kind = "input" if node.op == "placeholder" else "output"
+            if node.op == "output" and not isinstance(node.args[0], fx.Node):
+                raise NotSupported("the model returns more than one tensor")
         elif node.op == "call_module":
             module = gm.get_submodule(node.target)
             if isinstance(module, nn.Conv2d):

@@ -112,6 +112,15 @@ class WithGroupNorm(nn.Module):
         return self.fc(self.norm(self.conv(x)).relu().mean(dim=(2, 3)))
 
 
+class WithConstant(WithGroupNorm):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.conv(x) + self.shift).relu().mean(dim=(2, 3)))
+
+
 class DataDependent(TinyCNN):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.sum() > 0:  # control flow on values: torch.fx cannot trace it
@@ -120,6 +129,7 @@ class DataDependent(TinyCNN):
 
 
 @pytest.mark.parametrize(("model", "reason"), [(WithGroupNorm(), r"norm \(GroupNorm\) is not supported"),
+                                               (WithConstant(), "add mixes a constant tensor"),
                                                (DataDependent(), "cannot be traced")])
 def test_unsupported_model_falls_back_with_the_reason(model: nn.Module, reason: str) -> None:
     model.eval()
