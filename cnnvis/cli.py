@@ -15,7 +15,7 @@ from rich.markup import (
 )
 
 from cnnvis.errors import CnnvisError
-from cnnvis.vis.registry import method_names
+from cnnvis.catalog import METHOD_NAMES
 
 app = typer.Typer(
     name="cnnvis",
@@ -83,14 +83,16 @@ def train(
 ) -> None:
     """Train a model; writes runs/<name>-<time>/ with config, metrics, checkpoints and TensorBoard events."""
     from cnnvis.config import load_config
-    from cnnvis.training.trainer import Trainer
-    from cnnvis.views import ProgressListener, summary_table
 
     if config is None and resume is None:
         raise CnnvisError("give a config file (cnnvis train configs/mnist.yaml) or --resume RUN_DIR")
     if config is not None and resume is not None:
         err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")
     cfg = load_config(config, set_) if resume is None else None
+    # torch loads only now, after the config is known to be good: a typo answers at once
+    from cnnvis.training.trainer import Trainer
+    from cnnvis.views import ProgressListener, summary_table
+
     listeners = [ProgressListener(console)]
     trainer = Trainer(cfg, runs_dir=runs_dir, name=name, device=device, resume=resume, listeners=listeners, overrides=set_ if resume else ())
     cfg = trainer.config
@@ -137,7 +139,7 @@ class Split(str, Enum):
 
 @app.command(help=(
     "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
-    f"Methods: {', '.join(method_names())}.\n\n"
+    f"Methods: {', '.join(METHOD_NAMES)}.\n\n"
     "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
 ))
 @friendly_errors

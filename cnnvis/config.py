@@ -104,8 +104,14 @@ class DataConfig(Section):
         raise ValueError("must be 'auto' or an integer >= 0")
 
 
+#: the ``model.arch`` names ``cnnvis.models.build_model`` builds; here, not in models.py, so that a
+#: config is checked without importing torch (models.py refuses to import if the two disagree)
+ARCHITECTURES: tuple[str, ...] = ("mnist_cnn", "mnist_classic", "resnet_small",
+                                  "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
 class ModelConfig(Section):
-    arch: str = Field("mnist_cnn", description="see `cnnvis.models.ARCHITECTURES`")
+    arch: str = Field("mnist_cnn", description="one of ARCHITECTURES")
     pretrained: str | None = Field(None, description="torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path")
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -113,8 +119,6 @@ class ModelConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from cnnvis.models import ARCHITECTURES
-
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture{_suggest(arch, list(ARCHITECTURES))}; choose one of: {', '.join(ARCHITECTURES)}")
         return arch
