@@ -31,6 +31,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
+AllowUntrained = Annotated[bool, typer.Option(
+    "--allow-untrained", help="Explain a run that finished no epoch yet (random weights; every output says so).")]
 
 #: the library names parameters; on the command line they are these flags
 FLAGS = {"split": "--split", "target": "--target", "device": "--device", "images": "--images", "wrong": "--wrong",
@@ -154,6 +156,7 @@ def visualize(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the PNGs here instead of RUN/visualizations.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_untrained: AllowUntrained = False,
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
@@ -162,11 +165,11 @@ def visualize(
     with console.status("drawing ...") as status:
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
-            out_dir=out, device=device, tensorboard=not no_tensorboard,
+            out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
             on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
         )
     run = result.run
-    title = f"{len(result.written)} picture(s) of {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+    title = f"{len(result.written)} picture(s) of {run.label}"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
@@ -188,6 +191,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures and tables to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_untrained: AllowUntrained = False,
     debug: Debug = False,
 ) -> None:
     """Accuracy, per-class table, confusion matrix and confidently wrong images; --explanations: which maps to trust.
@@ -202,11 +206,11 @@ def evaluate(
     with console.status("evaluating ...") as status:
         outcome = evaluate_command(
             source, split=split.value, wrong=wrong, out_dir=out, explanations=explanations, images=images,
-            methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard,
+            methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
             on_progress=lambda text: status.update(f"{escape(text)} ..."),
         )
     run, ev = outcome.run, outcome.evaluation
-    console.print(evaluation_table(ev, f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"))
+    console.print(evaluation_table(ev, run.label))
     if ev.wrong_count:
         console.print(worst_mistakes_line(ev), soft_wrap=True)
     report = outcome.faithfulness

@@ -211,6 +211,7 @@ class Visualizer:
             "seed": SEED,
             "checkpoint": str(self.run.checkpoint),
             "epoch": self.run.epoch,
+            "untrained": self.run.untrained,
             "architecture": self.run.architecture,
             **extra,
         }
@@ -227,7 +228,7 @@ class Visualizer:
 
     def _title(self, label: str, layer: str | None) -> str:
         where = f" · layer {layer}" if layer else ""
-        return f"{label}{where} · {self.run.architecture}, {self.run.checkpoint.name} (epoch {self.run.epoch})"
+        return f"{label}{where} · {self.run.label}"
 
     # ------------------------------------------------------------------ one drawing per kind of result
 
@@ -341,6 +342,7 @@ def visualize_command(
     out_dir: str | Path | None = None,
     device: str = "auto",
     tensorboard: bool = False,
+    allow_untrained: bool = False,
     on_written: Callable[[Written], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
@@ -351,7 +353,7 @@ def visualize_command(
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
     batch = file_images(run, files) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
     writer = LazyWriter(run.run_dir) if tensorboard else None
