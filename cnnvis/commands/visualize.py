@@ -30,6 +30,7 @@ from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
+from cnnvis.vis.maps import FLAT_SPREAD, flat_maps
 from cnnvis.vis.occlusion import OcclusionMaps
 from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
 
@@ -252,7 +253,8 @@ class Visualizer:
             parameters = {**spec.defaults, **params}
             if details is not None:
                 parameters |= {"window": list(details.window), "stride": list(details.stride)}
-            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode)
+            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode,
+                                    flat_maps=flat_maps(maps).tolist(), flat_spread=FLAT_SPREAD)
             self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
             if details is not None:
                 self._occlusion_classes(details, captions, colors, parameters)

@@ -234,3 +234,11 @@ def test_every_heatmap_is_drawn_with_the_normalisation_its_sidecar_names(run, mo
     for mode, written in zip(used, heatmap_files):
         recorded = sidecar(written.path)["normalization"]
         assert recorded == mode == METHODS[written.method].normalize, written.method
+
+
+def test_heatmap_sidecars_say_which_maps_are_flat(run):
+    invoke(run, "-m", "gradcam", "-n", "3", "--no-tensorboard")
+    (sidecar,) = (run / "visualizations" / "gradcam").glob("*.json")
+    written = json.loads(sidecar.read_text())
+    assert len(written["flat_maps"]) == 3 and all(isinstance(f, bool) for f in written["flat_maps"])
+    assert written["flat_spread"] == 0.05
