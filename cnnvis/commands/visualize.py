@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from torch import Tensor
 
 from cnnvis import plots
@@ -264,25 +263,15 @@ class Visualizer:
         """Which class the model predicts while each window is covered, as a colour per position."""
         started = time.perf_counter()
         predicted = found.predicted.cpu()
-        names = self.run.spec.class_names
-        palette = colormaps["tab20" if len(names) > 10 else "tab10"]
-        colours = torch.tensor([palette(i % palette.N)[:3] for i in range(len(names))], dtype=torch.float32)
-        h, w = self.batch.images.shape[-2:]
-        painted = colours[predicted].permute(0, 3, 1, 2)  # [N, 3, nh, nw]
-        painted = F.interpolate(painted, size=(h, w), mode="nearest")
-        shown = plots.to_rgb(plots.denormalize(self.batch.images, self.run.spec.mean, self.run.spec.std))
-        blended = 0.45 * shown + 0.55 * painted
-        lines = []
-        for i, caption in enumerate(captions):
-            classes, counts = predicted[i].flatten().unique(return_counts=True)
-            order = counts.argsort(descending=True)[:3]
-            share = ", ".join(f"{self._name(int(classes[j]))} {int(counts[j]) / predicted[i].numel():.0%}" for j in order)
-            lines.append(f"{caption}\npredicted while covered: {share}")
-        png = plots.image_grid_figure(blended, lines, self._title("class predicted with each window covered", None),
-                                      caption_colors=colors, columns=4)
+        png = plots.occlusion_classes_figure(
+            self.batch.images, predicted, self.pred, self.run.spec.class_names, captions,
+            self._title("class predicted with each window covered", None), mean=self.run.spec.mean,
+            std=self.run.spec.std, caption_colors=colors)
+        unoccluded = self.pred.cpu()
         sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
-        ])
+        ], prediction_changed_per_window=(predicted != unoccluded.view(-1, 1, 1)).tolist(),
+            legend=[self._name(c) for c in plots.changed_classes(predicted, unoccluded)])
         self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:

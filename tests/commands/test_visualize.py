@@ -242,3 +242,27 @@ def test_heatmap_sidecars_say_which_maps_are_flat(run):
     written = json.loads(sidecar.read_text())
     assert len(written["flat_maps"]) == 3 and all(isinstance(f, bool) for f in written["flat_maps"])
     assert written["flat_spread"] == 0.05
+
+
+def test_occlusion_class_picture_has_a_key_of_the_classes_it_paints(run):
+    invoke(run, "-m", "occlusion", "-n", "4", "--no-tensorboard")
+    written = json.loads((run / "visualizations" / "occlusion" / "predicted-class.json").read_text())
+    grids, changed = written["predicted_per_window"], written["prediction_changed_per_window"]
+    painted = set()
+    for grid, flags, unoccluded in zip(grids, changed, written["predicted"]):
+        for row, flag_row in zip(grid, flags):
+            for name, flag in zip(row, flag_row):
+                assert flag == (name != unoccluded)  # marked exactly where covering changes the prediction
+                painted |= {name} if flag else set()
+    assert sorted(painted) == sorted(written["legend"])  # the key names every painted class, and only those
+
+
+def test_occlusion_class_figure_key_is_drawn_under_the_grid():
+    from cnnvis import plots
+
+    predicted = torch.tensor([[[0, 0], [0, 2]], [[1, 1], [1, 1]]])
+    unoccluded = torch.tensor([0, 1])
+    assert plots.changed_classes(predicted, unoccluded) == [2]
+    with_key = plots.occlusion_classes_figure(torch.rand(2, 3, 16, 16), predicted, unoccluded, ["a", "b", "c"],
+                                              ["x", "y"], "t")
+    assert with_key.height > plots.image_grid_figure(torch.rand(2, 3, 16, 16), ["x\ny", "x\ny"], "t", columns=4).height
