@@ -97,7 +97,7 @@ class ProgressListener(Listener):
 def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:
     # Light borders and unwrapped cells: the eight columns fit an 80-column terminal whole.
     table = Table(title="training summary", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "seconds"):
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "peak lr", "img/s", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in history:
         table.add_row(
@@ -106,7 +106,7 @@ def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table
             f"{row['train_accuracy']:.2%}",
             f"{row['val_loss']:.4f}",
             f"{row['val_accuracy']:.2%}",
-            f"{row['lr']:.2e}",
+            f"{row.get('lr_max', row['lr']):.2e}",  # runs before lr_max was recorded: the epoch's first rate
             f"{row['images_per_second']:.0f}",
             f"{row['seconds']:.1f}",
         )
