@@ -6,9 +6,10 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import (
     escape,  # user text (paths, values) may hold "[...]", which rich reads as markup
@@ -17,14 +18,35 @@ from rich.markup import (
 from cnnvis.errors import CnnvisError
 from cnnvis.catalog import METHOD_NAMES
 
+class _FlagsShowNoValue:
+    """Typer labels on/off flags (``--debug``, ``--help``) ``<bool>`` as if they took a value
+    (``--debug true`` is an error): an empty label shows them as the flags they are."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShowNoValue, TyperCommand):
+    pass
+
+
+class Group(_FlagsShowNoValue, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="cnnvis",
+    cls=Group,
     help="Train CNN image classifiers from YAML configs, log them to TensorBoard, and see what they learned.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect the data a config points at.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect the data a config points at.", no_args_is_help=True, cls=Group)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -72,7 +94,7 @@ def friendly_errors(command: Callable) -> Callable:
     return wrapper
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def train(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/mnist.yaml (optional with --resume).")] = None,
@@ -139,7 +161,7 @@ class Split(str, Enum):
     test = "test"
 
 
-@app.command(help=(
+@app.command(cls=Command, help=(
     "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
     f"Methods: {', '.join(METHOD_NAMES)}.\n\n"
     "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
@@ -169,7 +191,7 @@ def visualize(
             on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
         )
     run = result.run
-    title = f"{len(result.written)} picture(s) of {run.label}"
+    title = f"{len(result.written)} picture{'s' if len(result.written) != 1 else ''} of\n{run.label}"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
@@ -177,7 +199,7 @@ def visualize(
     console.print(f"pictures in [bold]{escape(str(result.out_dir))}[/]{where}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def evaluate(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
@@ -226,7 +248,7 @@ def evaluate(
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
@@ -242,14 +264,14 @@ def report(
     console.print(f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, {result.pictures} pictures; "
                   f"opens from disk, no network)", soft_wrap=True)
     for section, command in result.missing:
-        err_console.print(f"[yellow]note:[/] no {section.lower().rstrip('?')} section yet: {escape(command)}", soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] no \"{escape(section)}\" section yet: {escape(command)}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def summary(
     source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
     depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
     debug: Debug = False,
 ) -> None:
@@ -258,14 +280,14 @@ def summary(
     from cnnvis.views import layer_table
 
     result, title = summarize_source(source, set_)
-    console.print(layer_table(result, title, depth))
+    console.print(layer_table(result, title, depth, width=console.width))
 
 
-@data_app.command("check")
+@data_app.command("check", cls=Command)
 @friendly_errors
 def data_check(
     config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
     debug: Debug = False,
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""

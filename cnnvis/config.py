@@ -284,11 +284,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config",
+                 base: str | Path | None = None) -> Config:
     """Validate a raw mapping after applying ``key.path=value`` overrides.
 
     ``data.root`` comes from, strongest first: an override, the ``CNNVIS_DATA`` environment
-    variable, the mapping, the default; ``config.data.root_source`` says which.
+    variable, the mapping, the default; ``config.data.root_source`` says which. The root comes
+    out absolute: one written in the mapping relative to ``base`` (the config file's folder), so a
+    config works from any directory; any other relative to the current directory, where it was
+    typed. A run's saved config then names the folder it really read.
     """
     raw = _deep_copy(raw)
     overridden = set()
@@ -305,6 +309,11 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         root_source = "environment"
     elif isinstance(data, dict) and "root" in data:
         root_source = "config"
+    if isinstance(raw.get("data", {}), dict):
+        section = raw.setdefault("data", {})
+        written = Path(str(section.get("root", DataConfig.model_fields["root"].default))).expanduser()
+        relative_to = Path(base) if base is not None and root_source == "config" else Path.cwd()
+        section["root"] = os.path.normpath(relative_to.resolve() / written)  # unchanged when absolute
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -315,7 +324,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a YAML config file."""
-    return build_config(read_yaml(path), overrides, source=str(path))
+    return build_config(read_yaml(path), overrides, source=str(path), base=Path(path).parent)
 
 
 def data_root(data: DataConfig) -> Path:

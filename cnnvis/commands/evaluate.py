@@ -184,7 +184,7 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
               "architecture": ev.architecture}
 
     # short title: the figure is sized by the class count and a long title would be cut off
-    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {ev.count} images"
+    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {plots.count(ev.count, 'image')}"
                                                 + (" · UNTRAINED" if ev.untrained else ""))
     confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / EvaluationFiles.CONFUSION_MATRIX,
                                    {**common, "rows": "true class", "columns": "predicted class",

@@ -124,7 +124,7 @@ def _caption(png: Path, meta: dict[str, Any]) -> str:
     elif meta.get("image"):
         parts.append(str(meta["image"]))
     elif isinstance(meta.get("images"), list) and meta["images"]:
-        parts.append(f"{len(meta['images'])} images")
+        parts.append(plots.count(len(meta["images"]), "image"))
     if meta.get("target") is not None and meta.get("method") not in ("filters", "activations"):
         parts.append(f"target {meta['target']}")
     if meta.get("checkpoint"):

@@ -254,7 +254,7 @@ class Visualizer:
                 parameters |= {"window": list(details.window), "stride": list(details.stride)}
             sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode,
                                     flat_maps=flat_maps(maps).tolist(), flat_spread=FLAT_SPREAD)
-            self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
+            self._write(png, spec.name, layer, layer or spec.name, sidecar, plots.count(len(captions), "image"), started)
             if details is not None:
                 self._occlusion_classes(details, captions, colors, parameters)
 
@@ -272,7 +272,7 @@ class Visualizer:
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
         ], prediction_changed_per_window=(predicted != unoccluded.view(-1, 1, 1)).tolist(),
             legend=[self._name(c) for c in plots.changed_classes(predicted, unoccluded)])
-        self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)
+        self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         names = list(layers) or stage_layers(self.run.model)
@@ -285,7 +285,7 @@ class Visualizer:
                 image=self.batch.images[i], mean=self.run.spec.mean, std=self.run.spec.std,
             )
             sidecar = self._sidecar(spec.name, None, {"layers": names}, image=source)
-            self._write(png, spec.name, None, f"image-{i}", sidecar, f"{len(names)} layers", started)
+            self._write(png, spec.name, None, f"image-{i}", sidecar, plots.count(len(names), "layer"), started)
             started = time.perf_counter()
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
@@ -318,7 +318,7 @@ class Visualizer:
                                       self._title("the network's idea of each class (activation maximisation)", None),
                                       mean=self.run.spec.mean, std=self.run.spec.std)
         sidecar = self._sidecar(spec.name, None, {**spec.defaults, "seed": SEED}, classes=[self._name(c) for c in classes])
-        self._write(png, spec.name, None, "classes", sidecar, f"{len(classes)} classes", started)
+        self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
 
 
 def visualize_command(

@@ -57,6 +57,11 @@ class PNG(bytes):
     def height(self) -> int:
         return self.size[1]
 
+def count(n: int, noun: str) -> str:
+    """``1 image``, ``8 images``: a number with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def format_caption(
     true: str | None = None,
     pred: str | None = None,
