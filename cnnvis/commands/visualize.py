@@ -196,10 +196,23 @@ class Visualizer:
             colors.append(None if labels is None else ("#1a7f37" if labels[i] == pred else "#cf222e"))
         return captions, colors
 
-    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def _model_fields(self, method: str, layer: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+        """What every sidecar says: the method and the model it explained."""
         return {
             "method": method,
             "layer": layer,
+            "parameters": parameters,
+            "seed": SEED,
+            "checkpoint": str(self.run.checkpoint),
+            "epoch": self.run.epoch,
+            "untrained": self.run.untrained,
+            "architecture": self.run.architecture,
+        }
+
+    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """A sidecar of pictures of the explained images: the model, then each image's classes."""
+        return {
+            **self._model_fields(method, layer, parameters),
             "target": self.target_spec,
             "targets": [self._name(t) for t in self.target_list],
             "target_probability": self.target_prob,
@@ -207,12 +220,6 @@ class Visualizer:
             "predicted_probability": self.pred_prob,
             "true": None if self.batch.labels is None else [self._name(t) for t in self.batch.labels.tolist()],
             "images": self.batch.sources,
-            "parameters": parameters,
-            "seed": SEED,
-            "checkpoint": str(self.run.checkpoint),
-            "epoch": self.run.epoch,
-            "untrained": self.run.untrained,
-            "architecture": self.run.architecture,
             **extra,
         }
 
@@ -317,7 +324,10 @@ class Visualizer:
         png = plots.image_grid_figure(made.detach().float().cpu(), captions,
                                       self._title("the network's idea of each class (activation maximisation)", None),
                                       mean=self.run.spec.mean, std=self.run.spec.std)
-        sidecar = self._sidecar(spec.name, None, {**spec.defaults, "seed": SEED}, classes=[self._name(c) for c in classes])
+        # made from noise, not from the explained images: the sidecar names the classes drawn, nothing per image
+        sidecar = {**self._model_fields(spec.name, None, {**spec.defaults, "seed": SEED}),
+                   "classes": [self._name(c) for c in classes],
+                   "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
         self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
 
 

@@ -58,8 +58,10 @@ class PNG(bytes):
         return self.size[1]
 
 def count(n: int, noun: str) -> str:
-    """``1 image``, ``8 images``: a number with its noun in the right number."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    """``1 image``, ``8 images``, ``5 classes``: a number with its noun in the right number."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{n} {noun}s"
 
 
 def format_caption(
