@@ -79,7 +79,7 @@ def image_grid_figure(
     caption_lines = [wrap(captions[i], cell_w + gap * 0.8, CAPTION_PT) if captions else [] for i in range(n)]
     cap_h = max((text_h(len(c), CAPTION_PT) for c in caption_lines), default=0.0)
     cell_h = cap_h + (0.04 if cap_h else 0) + ph
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     title_h = text_h(len(title_lines), TITLE_PT) + 0.12 if title_lines else 0.0
     row_gap = 0.15
     key_rows = _legend_rows(legend, width - 2 * MARGIN)
@@ -265,7 +265,7 @@ def activation_grid_figure(
     row_h = [max(sizes[i][1] for i in range(r * cols, min(len(prepared), (r + 1) * cols))) for r in range(nrows)]
     col_gap, row_gap = 0.45, 0.3
     width = 2 * MARGIN + 0.3 + cols * block_width + (cols - 1) * col_gap
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     note = "each map scaled to its own range" if scale == "channel" else "one colour scale per layer"
     note_lines = [f"{note} · colour map {cm.name} (dark = low, bright = high)"]
     title_h = text_h(len(title_lines), TITLE_PT) + text_h(1, SMALL_PT + 1) + 0.15 if title_lines else text_h(1, SMALL_PT + 1) + 0.1

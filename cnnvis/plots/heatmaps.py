@@ -139,7 +139,7 @@ def heatmap_figure(
     flat = flat_maps(raw).tolist() if normalize != "none" else [False] * n
     under_h = text_h(2 if any(flat) else 1, SMALL_PT) + 0.04 if normalize != "none" else 0.02
     group_h = cap_h + (0.05 if cap_h else 0) + header_h + ph + under_h
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     title_h = text_h(len(title_lines), TITLE_PT) + 0.12 if title_lines else 0.0
     row_gap = 0.22
     height = 2 * MARGIN + title_h + rows * group_h + (rows - 1) * row_gap + COLORBAR_H + 0.12
