@@ -34,7 +34,7 @@ from cnnvis.run import (
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from cnnvis.training.loop import evaluate
+from cnnvis.training.loop import evaluate, predict_split
 from cnnvis.training.optim import make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
     averaged_state,
@@ -63,6 +63,9 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
     lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
+    #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
+    #: draw PR curves and the confusion matrix from it instead of predicting the split again
+    test_predictions: tuple[Tensor, Tensor] | None = None
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -399,12 +402,15 @@ class Trainer:
         model = self.evaluated_model
         if best.is_file():
             model = self._placed(model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)))
-        result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        logits, targets = predict_split(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        s.test_predictions = (logits, targets)
+        count = max(targets.numel(), 1)
+        loss = nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item() / count if targets.numel() else 0.0
         final = {
             "epoch": s.epoch,
             "step": s.global_step,
-            "test_loss": result["loss"],
-            "test_accuracy": result["accuracy"],
+            "test_loss": loss,
+            "test_accuracy": (logits.argmax(1) == targets).sum().item() / count if targets.numel() else 0.0,
             "test_split": "test",
             "test_checkpoint": "best",
             "best_val_accuracy": s.best_val_accuracy,
