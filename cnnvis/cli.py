@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import (
     escape,  # user text (paths, values) may hold "[...]", which rich reads as markup
 )
+from typer.core import TyperCommand, TyperGroup
 
-from cnnvis.errors import CnnvisError
 from cnnvis.catalog import METHOD_NAMES
+from cnnvis.errors import CnnvisError
+
 
 class _FlagsShowNoValue:
     """Typer labels on/off flags (``--debug``, ``--help``) ``<bool>`` as if they took a value

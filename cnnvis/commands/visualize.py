@@ -23,8 +23,8 @@ from torch import Tensor
 from cnnvis import plots
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
-from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.device import resolve_device
+from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
 from cnnvis.vis import progress
 from cnnvis.vis.activations import stage_layers
