@@ -18,18 +18,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
-from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.device import resolve_device
+from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
+from cnnvis.vis import progress
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
+from cnnvis.vis.maps import FLAT_SPREAD, flat_maps
 from cnnvis.vis.occlusion import OcclusionMaps
 from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
 
@@ -71,6 +72,8 @@ class Result:
     out_dir: Path | None = None
     run: LoadedRun | None = None  #: the run that was explained
     tensorboard: bool = False  #: whether the pictures also went to its TensorBoard events
+    interrupted: str | None = None  #: the method Ctrl-C stopped (its finished pictures are kept)
+    not_run: list[str] = field(default_factory=list)  #: methods never started because of the interrupt
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -119,8 +122,11 @@ def parse_target(text: str, class_names: Sequence[str]) -> str | int:
 class Visualizer:
     """Runs methods on one batch of images and writes their pictures.
 
-    ``on_written`` is called after each file (the CLI uses it for progress); ``writer`` is an
+    ``on_written`` is called after each file; ``on_progress(method, fraction)`` as a method
+    starts (0), advances and ends (1); the CLI draws its bars from them. ``writer`` is an
     optional ``SummaryWriter`` that receives every picture as an image under ``visualize/...``.
+    Ctrl-C during a method keeps the pictures already written and returns the result with
+    ``interrupted`` and ``not_run`` set.
     """
 
     def __init__(
@@ -131,9 +137,12 @@ class Visualizer:
         target: str | int = "pred",
         writer: Any = None,
         on_written: Callable[[Written], None] | None = None,
+        on_progress: Callable[[str, float], None] | None = None,
     ) -> None:
         self.run, self.batch, self.out_dir, self.writer = run, batch, Path(out_dir), writer
         self.on_written = on_written or (lambda written: None)
+        self.on_progress = on_progress or (lambda method, fraction: None)
+        self._part = (0, 1)  # (index, count) of the layer a multi-layer method is drawing
         self.result = Result(out_dir=self.out_dir)
         self.images = batch.images.to(run.device)
         self.target_spec = target
@@ -168,15 +177,26 @@ class Visualizer:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
                 "images": self._maximize}
-        for name in names:
+        for index, name in enumerate(names):
             spec = METHODS[name]
+            self._part = (0, 1)
             try:
-                draw[spec.kind](spec, layers)
+                self.on_progress(name, 0.0)
+                with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
+                    draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
                 if explicit:
                     raise
                 self.result.skipped.append(Skipped(name, str(exc)))
+            except KeyboardInterrupt:  # keep what is drawn; say what is not
+                self.result.interrupted, self.result.not_run = name, names[index + 1:]
+                break
+            self.on_progress(name, 1.0)
         return self.result
+
+    def _report(self, method: str, done: int, total: int) -> None:
+        index, count = self._part
+        self.on_progress(method, (index + done / max(total, 1)) / count)
 
     # ------------------------------------------------------------------ captions and output
 
@@ -196,10 +216,23 @@ class Visualizer:
             colors.append(None if labels is None else ("#1a7f37" if labels[i] == pred else "#cf222e"))
         return captions, colors
 
-    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def _model_fields(self, method: str, layer: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+        """What every sidecar says: the method and the model it explained."""
         return {
             "method": method,
             "layer": layer,
+            "parameters": parameters,
+            "seed": SEED,
+            "checkpoint": str(self.run.checkpoint),
+            "epoch": self.run.epoch,
+            "untrained": self.run.untrained,
+            "architecture": self.run.architecture,
+        }
+
+    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """A sidecar of pictures of the explained images: the model, then each image's classes."""
+        return {
+            **self._model_fields(method, layer, parameters),
             "target": self.target_spec,
             "targets": [self._name(t) for t in self.target_list],
             "target_probability": self.target_prob,
@@ -207,11 +240,6 @@ class Visualizer:
             "predicted_probability": self.pred_prob,
             "true": None if self.batch.labels is None else [self._name(t) for t in self.batch.labels.tolist()],
             "images": self.batch.sources,
-            "parameters": parameters,
-            "seed": SEED,
-            "checkpoint": str(self.run.checkpoint),
-            "epoch": self.run.epoch,
-            "architecture": self.run.architecture,
             **extra,
         }
 
@@ -227,7 +255,7 @@ class Visualizer:
 
     def _title(self, label: str, layer: str | None) -> str:
         where = f" · layer {layer}" if layer else ""
-        return f"{label}{where} · {self.run.architecture}, {self.run.checkpoint.name} (epoch {self.run.epoch})"
+        return f"{label}{where} · {self.run.label}"
 
     # ------------------------------------------------------------------ one drawing per kind of result
 
@@ -236,7 +264,8 @@ class Visualizer:
         params = {"seed": SEED} if "seed" in spec.defaults else {}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
-        for layer in chosen:
+        for part, layer in enumerate(chosen):
+            self._part = (part, len(chosen))
             started = time.perf_counter()
             result = run_method(spec.name, self.run.model, self.images, self.targets, layer, detailed=True, **params)
             details = result if isinstance(result, OcclusionMaps) else None
@@ -253,8 +282,9 @@ class Visualizer:
                 parameters |= {"window": list(details.window), "stride": list(details.stride)}
             # occlusion: incremental or full forward passes, and why a full forward (an unsupported layer)
             extra = {"computation": details.computation} if details is not None else {}
-            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode, **extra)
-            self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
+            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode,
+                                    flat_maps=flat_maps(maps).tolist(), flat_spread=FLAT_SPREAD, **extra)
+            self._write(png, spec.name, layer, layer or spec.name, sidecar, plots.count(len(captions), "image"), started)
             if details is not None:
                 self._occlusion_classes(details, captions, colors, parameters)
 
@@ -263,26 +293,17 @@ class Visualizer:
         """Which class the model predicts while each window is covered, as a colour per position."""
         started = time.perf_counter()
         predicted = found.predicted.cpu()
-        names = self.run.spec.class_names
-        palette = colormaps["tab20" if len(names) > 10 else "tab10"]
-        colours = torch.tensor([palette(i % palette.N)[:3] for i in range(len(names))], dtype=torch.float32)
-        h, w = self.batch.images.shape[-2:]
-        painted = colours[predicted].permute(0, 3, 1, 2)  # [N, 3, nh, nw]
-        painted = F.interpolate(painted, size=(h, w), mode="nearest")
-        shown = plots.to_rgb(plots.denormalize(self.batch.images, self.run.spec.mean, self.run.spec.std))
-        blended = 0.45 * shown + 0.55 * painted
-        lines = []
-        for i, caption in enumerate(captions):
-            classes, counts = predicted[i].flatten().unique(return_counts=True)
-            order = counts.argsort(descending=True)[:3]
-            share = ", ".join(f"{self._name(int(classes[j]))} {int(counts[j]) / predicted[i].numel():.0%}" for j in order)
-            lines.append(f"{caption}\npredicted while covered: {share}")
-        png = plots.image_grid_figure(blended, lines, self._title("class predicted with each window covered", None),
-                                      caption_colors=colors, columns=4)
-        sidecar = self._sidecar("occlusion", None, parameters, computation=found.computation, predicted_per_window=[
+        png = plots.occlusion_classes_figure(
+            self.batch.images, predicted, self.pred, self.run.spec.class_names, captions,
+            self._title("class predicted with each window covered", None), mean=self.run.spec.mean,
+            std=self.run.spec.std, caption_colors=colors)
+        unoccluded = self.pred.cpu()
+        sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
-        ])
-        self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)
+        ], prediction_changed_per_window=(predicted != unoccluded.view(-1, 1, 1)).tolist(),
+            legend=[self._name(c) for c in plots.changed_classes(predicted, unoccluded)],
+            computation=found.computation)
+        self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         names = list(layers) or stage_layers(self.run.model)
@@ -295,7 +316,7 @@ class Visualizer:
                 image=self.batch.images[i], mean=self.run.spec.mean, std=self.run.spec.std,
             )
             sidecar = self._sidecar(spec.name, None, {"layers": names}, image=source)
-            self._write(png, spec.name, None, f"image-{i}", sidecar, f"{len(names)} layers", started)
+            self._write(png, spec.name, None, f"image-{i}", sidecar, plots.count(len(names), "layer"), started)
             started = time.perf_counter()
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
@@ -327,8 +348,11 @@ class Visualizer:
         png = plots.image_grid_figure(made.detach().float().cpu(), captions,
                                       self._title("the network's idea of each class (activation maximisation)", None),
                                       mean=self.run.spec.mean, std=self.run.spec.std)
-        sidecar = self._sidecar(spec.name, None, {**spec.defaults, "seed": SEED}, classes=[self._name(c) for c in classes])
-        self._write(png, spec.name, None, "classes", sidecar, f"{len(classes)} classes", started)
+        # made from noise, not from the explained images: the sidecar names the classes drawn, nothing per image
+        sidecar = {**self._model_fields(spec.name, None, {**spec.defaults, "seed": SEED}),
+                   "classes": [self._name(c) for c in classes],
+                   "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
+        self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
 
 
 def visualize_command(
@@ -343,22 +367,26 @@ def visualize_command(
     out_dir: str | Path | None = None,
     device: str = "auto",
     tensorboard: bool = False,
+    allow_untrained: bool = False,
     on_written: Callable[[Written], None] | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
     every method in ``methods`` (default: all), writing PNGs + sidecars to ``out_dir`` (default
     ``RUN/visualizations``) and, with ``tensorboard``, to the run's TensorBoard events.
 
     ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`).
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
     batch = file_images(run, files) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
-        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written)
+        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written,
+                                on_progress)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:
         if writer is not None:

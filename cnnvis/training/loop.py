@@ -46,9 +46,10 @@ def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp:
     """``(logits [N, classes], targets [N])`` of a whole split: one pass, gathered on the device,
     moved to the CPU once."""
     logits, targets = [], []
+    layout = memory_format(model)
     with eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for images, labels in batches:
-            logits.append(predict(model, images.to(device, non_blocking=True), tta_flip).float())
+            logits.append(predict(model, images.to(device, non_blocking=True, memory_format=layout), tta_flip).float())
             targets.append(labels.to(device, non_blocking=True))
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)

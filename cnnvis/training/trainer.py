@@ -34,7 +34,7 @@ from cnnvis.run import (
     model_from_checkpoint,
     resolve_checkpoint,
 )
-from cnnvis.training.loop import evaluate
+from cnnvis.training.loop import evaluate, predict_split
 from cnnvis.training.optim import make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
     averaged_state,
@@ -62,6 +62,10 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
+    lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
+    #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
+    #: draw PR curves and the confusion matrix from it instead of predicting the split again
+    test_predictions: tuple[Tensor, Tensor] | None = None
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -279,8 +283,11 @@ class Trainer:
         check_every = config.train.log_every
         trainable = [p for p in model.parameters() if p.requires_grad]
         layout = memory_format(model)
+        lr_first, lr_max, lr_sum = optimizer.param_groups[0]["lr"], 0.0, 0.0
         start = time.perf_counter()
         for step, (images, labels) in enumerate(self.data.train):
+            s.lr = optimizer.param_groups[0]["lr"]  # a Python float the scheduler keeps: no device sync
+            lr_max, lr_sum = max(lr_max, s.lr), lr_sum + s.lr
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
             targets = labels
@@ -319,6 +326,9 @@ class Trainer:
             "train_accuracy": correct.item() / max(seen, 1),
             "seconds": seconds,
             "images_per_second": seen / seconds if seconds > 0 else 0.0,
+            "lr": lr_first,
+            "lr_max": lr_max,
+            "lr_mean": lr_sum / max(s.steps_per_epoch, 1),
         }
 
     def _check_finite(self, losses: Tensor) -> None:
@@ -344,7 +354,6 @@ class Trainer:
         try:
             while s.epoch < config.train.epochs:
                 self._emit("on_epoch_start")
-                lr = s.optimizer.param_groups[0]["lr"]
                 batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
@@ -361,7 +370,7 @@ class Trainer:
                     if self.scheduler_unit == "epoch":
                         self.scheduler.step()
                     s.epoch += 1
-                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr}
+                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
                     improved = val["accuracy"] > s.best_val_accuracy
                     if improved:
                         s.best_val_accuracy, s.epochs_without_improvement = val["accuracy"], 0
@@ -393,12 +402,15 @@ class Trainer:
         model = self.evaluated_model
         if best.is_file():
             model = self._placed(model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)))
-        result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        logits, targets = predict_split(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        s.test_predictions = (logits, targets)
+        count = max(targets.numel(), 1)
+        loss = nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item() / count if targets.numel() else 0.0
         final = {
             "epoch": s.epoch,
             "step": s.global_step,
-            "test_loss": result["loss"],
-            "test_accuracy": result["accuracy"],
+            "test_loss": loss,
+            "test_accuracy": (logits.argmax(1) == targets).sum().item() / count if targets.numel() else 0.0,
             "test_split": "test",
             "test_checkpoint": "best",
             "best_val_accuracy": s.best_val_accuracy,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnvis.errors import VisError
+from cnnvis.vis import progress
 from cnnvis.vis.batching import batch_size as batching_rule
 from cnnvis.vis.hooks import Targets, check_images, model_state, resolve_targets
 from cnnvis.vis.incremental import IncrementalOcclusion, NotSupported
@@ -181,6 +182,7 @@ def occlusion_maps(
         rows, cols = (ys >= top) & (ys < top + kh), (xs >= left) & (xs < left + kw)
         scores = torch.empty(total, dtype=logits.dtype, device=dev)
         predicted = torch.empty(total, dtype=torch.long, device=dev)
+        done = 0
         for first, end in chunks:
             m = end - first
             if engine is not None:
@@ -198,6 +200,8 @@ def occlusion_maps(
                 slots = pos * n + first + img
                 scores[slots] = _score(out, t[first + img], score)
                 predicted[slots] = out.argmax(dim=1)
+                done += len(q)
+                progress.advance(done, total)
         del net, engine
 
     grid_score = scores.view(nh, nw, n).permute(2, 0, 1)

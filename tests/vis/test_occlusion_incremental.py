@@ -173,7 +173,7 @@ def test_batch_of_images_equals_each_image_alone_at_any_batch_size() -> None:
 
 
 def test_images_beyond_one_cache_are_swept_in_turns(monkeypatch) -> None:
-    import cnnvis.vis.incremental as incremental
+    from cnnvis.vis import incremental
 
     model = TinyCNN().eval()
     images = torch.randn(5, 1, 16, 16)
