@@ -137,9 +137,9 @@ def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
         cases.append(Case("resnet18 224 px, 16x16 window, stride 8", model.to(device).eval(), x.to(device), 16, 8, 5.0))
     if "mnist" in args.only:
         torch.manual_seed(0)
-        x, what = load_mnist(64, args.data_root, device)
+        x, what = load_mnist(args.images, args.data_root, device)
         print(f"mnist inputs: {what}")
-        cases.append(Case("mnist_cnn 64 digits, 4x4 window, stride 1", build_model("mnist_cnn", 10).to(device).eval(),
+        cases.append(Case(f"mnist_cnn {args.images} digits, 4x4 window, stride 1", build_model("mnist_cnn", 10).to(device).eval(),
                           x, 4, 1, 3.0))
     return cases
 
@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--ppe", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--tau", type=float, nargs="*", default=[0.5], help="approximate-mode thresholds to time")
     parser.add_argument("--only", nargs="+", default=["resnet18", "mnist"], choices=["resnet18", "mnist"])
+    parser.add_argument("--images", type=int, default=64, help="MNIST digits in the mnist case")
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     args = parser.parse_args()
     warnings.simplefilter("ignore")

@@ -29,13 +29,16 @@ QUICK: dict[str, tuple[list[str], str]] = {
     "cli_startup.py": (["--runs", "3"], "3 runs per command instead of 7"),
     "vis_speed.py": (["--images", "16", "--reps", "2", "--ppe", "32", "128", "--ibs", "0", "--keep", "1"],
                      "16 digits, 2 repetitions, 2 Captum occlusion and 1 IG batch setting"),
+    "occlusion_speed.py": (["--only", "mnist", "--images", "16", "--reps", "1", "--ppe", "16", "--keep", "1",
+                            "--tau", "0.5", "--threads", "1"],
+                           "mnist_cnn on 16 digits, once, Captum at ppe 16 only (full run: ResNet-18 224 px too)"),
     "logging_overhead.py": (["--epochs", "1", "--repeats", "1", "--set", "data.subset=6000"],
                             "1 epoch of 6,000 digits per mode, once"),
     "flowers_throughput.py": (["--batches", "4", "--reps", "1", "--threads", "2"], "4 timed batches, once"),
     "mnist_time_to_99.py": (["--only", "project", "--whole-process"],
                             "the whole `cnnvis train` process only: the PyTorch example takes 10 minutes (full run: both)"),
 }
-NEEDS_DATA = {"vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
+NEEDS_DATA = {"occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
 
 
 def last_line(text: str) -> str:
