@@ -62,7 +62,7 @@ class ProgressListener(Listener):
             f"[bold]data[/] {data.sizes['train']} train / {data.sizes['val']} val / "
             f"{data.sizes['test']} test, {data.num_classes} classes, "
             f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]}), "
-            f"{data.pipeline}",
+            f"{data.pipeline}{_processes(state)}",
             soft_wrap=True,  # paths stay whole, copyable
         )
 
@@ -92,6 +92,15 @@ class ProgressListener(Listener):
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _processes(state: TrainState) -> str:
+    """The header's note on several training processes: how the global batch is shared out."""
+    n = state.world_size
+    if n == 1:
+        return ""
+    batch = state.config.data.batch_size
+    return f"  [bold]processes[/] {n}, global batch {batch} ({batch // n} per process)"
 
 
 def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:

@@ -18,6 +18,8 @@ from cnnvis.checkpoint import (
     interrupts_deferred,
     load_checkpoint,
     load_model_state,
+    restore_rng,
+    rng_state,
     save_checkpoint,
 )
 from cnnvis.config import Config, build_config, config_to_dict, save_config
@@ -34,6 +36,7 @@ from cnnvis.run import (
     model_from_checkpoint,
     resolve_checkpoint,
 )
+from cnnvis.training import distributed
 from cnnvis.training.loop import evaluate
 from cnnvis.training.optim import make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
@@ -62,6 +65,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
+    world_size: int = 1  #: training processes; ``config.data.batch_size`` is split over them
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -103,10 +107,15 @@ class Trainer:
         data: DataBundle | None = None,
         overrides: Sequence[str] = (),
     ) -> None:
-        """With ``resume``, the run's stored config is used (``overrides`` still apply, e.g. more epochs)."""
-        self.device = resolve_device(device)
-        self.listeners = list(listeners)
+        """With ``resume``, the run's stored config is used (``overrides`` still apply, e.g. more epochs).
+
+        Under torchrun each process builds its own trainer: it joins the process group, trains its
+        share of each batch, and only rank 0 writes files or tells ``listeners`` anything."""
+        self.world = distributed.detect_world()
+        self.listeners = list(listeners) if self.world.is_main else []
         payload = None
+        if resume is None and self.world.distributed:
+            resume = distributed.restarted_run(runs_dir)  # torchrun --max-restarts: continue, not start over
         if resume is not None:
             run_dir, checkpoint = resolve_checkpoint(resume, prefer="last")
             payload = load_checkpoint(checkpoint, map_location="cpu")
@@ -122,7 +131,10 @@ class Trainer:
             raise ConfigError("a config is needed unless resuming a run")
         self.config = config
         _seed_everything(config)
-        self.data = data or build_data(config, self.device)
+        self.device = (distributed.start(self.world, device, config.train.collective_timeout_s) if self.world.distributed
+                       else resolve_device(device))
+        distributed.check_batch_split(config.data.batch_size, self.world)
+        self.data = data or build_data(config, self.device, self.world.rank, self.world.size)
         spec = self.data.spec
         if payload is not None:
             self.data.check_fits(payload["meta"]["class_names"], checkpoint, "Resume needs the same classes: "
@@ -132,6 +144,9 @@ class Trainer:
             pretrained=config.model.pretrained if payload is None else None,
             freeze=config.model.freeze, dropout=config.model.dropout,
         ))
+        self.train_model = distributed.wrap(model, self.world, self.device, config.train.sync_batchnorm)  # the steps call this
+        if self.world.distributed:  # the same initial weights (DDP copied rank 0's), then each rank its own dropout
+            torch.manual_seed(config.seed * 1000 + self.world.rank)
         self.amp = amp_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         optimizer = make_optimizer(config, model)
@@ -139,31 +154,31 @@ class Trainer:
         self.average = weight_average(model, config.train.ema)
         steps_per_epoch = len(self.data.train)
         self.scheduler, self.scheduler_unit = make_scheduler(config, optimizer, steps_per_epoch)
-        if payload is None:
-            self.run_dir = create_run_dir(runs_dir, name or config.name)
-            save_config(config, self.run_dir / CONFIG_FILE)
+        if payload is None:  # named and made once, by rank 0
+            self.run_dir = distributed.decide_on_main(self.world, lambda: self._new_run(runs_dir, name or config.name))
         self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch,
-                                average=self.average.module if self.average is not None else None)
+                                average=self.average.module if self.average is not None else None,
+                                world_size=self.world.size)
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
         #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
         self.finished: dict[str, Any] | None = None
         if payload is not None:
             self._restore(payload)
             self.saved_epoch = self.state.epoch
-            save_config(config, self.run_dir / CONFIG_FILE)  # overrides (e.g. more epochs) are part of the run now
+            if self.world.is_main:
+                save_config(config, self.run_dir / CONFIG_FILE)  # overrides (e.g. more epochs) are part of the run now
+
+    def _new_run(self, runs_dir: str | Path, name: str) -> Path:
+        run_dir = create_run_dir(runs_dir, name)
+        save_config(self.config, run_dir / CONFIG_FILE)
+        distributed.remember_run(runs_dir, run_dir)
+        return run_dir
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, rng: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """What a checkpoint holds; ``rng`` is every rank's random state, rank 0's first."""
         s = self.state
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        train_source = self.data.train
-        if hasattr(train_source, "state_dict"):
-            rng["loader"] = train_source.state_dict()["generator"]
-        elif getattr(train_source, "generator", None) is not None:
-            rng["loader"] = train_source.generator.get_state()
         cpu = lambda module: {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
         averaged = {}
         if self.average is not None:  # "model" holds the weights that are evaluated; the raw ones resume training
@@ -178,7 +193,8 @@ class Trainer:
             "global_step": s.global_step,
             "best_val_accuracy": s.best_val_accuracy,
             "epochs_without_improvement": s.epochs_without_improvement,
-            "rng": rng,
+            "rng": rng[0],
+            **({"rng_per_rank": rng} if len(rng) > 1 else {}),
             "config": config_to_dict(self.config),
             "meta": {"arch": self.config.model.arch, **self.data.spec.to_dict()},
         }
@@ -221,15 +237,12 @@ class Trainer:
         s.global_step = int(payload["global_step"])
         s.best_val_accuracy = float(payload["best_val_accuracy"])
         s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if "loader" in rng:
-            if hasattr(self.data.train, "load_state_dict"):
-                self.data.train.load_state_dict({"generator": rng["loader"]})
-            elif getattr(self.data.train, "generator", None) is not None:
-                self.data.train.generator.set_state(rng["loader"])
+        per_rank = payload.get("rng_per_rank") or [payload["rng"]]
+        if len(per_rank) == self.world.size:  # as many processes as before: each continues its own streams
+            restore_rng(per_rank[self.world.rank], self.device, self.data.train)
+        else:  # another world size: rank 0's order of the data (the same on every rank), fresh dropout per rank
+            restore_rng(payload["rng"], self.device, self.data.train)
+            torch.manual_seed(self.config.seed * 1000 + self.world.rank + 1000 * s.epoch)
         rows = read_jsonl(self.run_dir / METRICS_FILE).rows
         # Lines after the checkpoint's epoch belong to work that is about to be redone.
         history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
@@ -254,14 +267,17 @@ class Trainer:
         return model
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
-        payload = self._payload()
-        with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
-            # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
-            # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
-            # best epoch last.pt records, or none at all.
-            for name in sorted(which, key=lambda n: n == "last"):
-                save_checkpoint(payload, checkpoint_path(self.run_dir, name))
-        self.saved_epoch = payload["epoch"]
+        """Every rank calls this (it gathers their random states); rank 0 writes."""
+        rng = distributed.gather_to_main(rng_state(self.device, self.data.train))
+        if rng is not None:
+            payload = self._payload(rng)
+            with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
+                # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
+                # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
+                # best epoch last.pt records, or none at all.
+                for name in sorted(which, key=lambda n: n == "last"):
+                    save_checkpoint(payload, checkpoint_path(self.run_dir, name))
+        self.saved_epoch = self.state.epoch
 
     # ------------------------------------------------------------------ the loop
 
@@ -271,8 +287,9 @@ class Trainer:
 
     def train_one_epoch(self) -> dict[str, float]:
         s, device = self.state, self.device
-        model, optimizer, config = s.model, s.optimizer, self.config
+        model, optimizer, config = self.train_model, s.optimizer, self.config
         model.train()
+        distributed.set_epoch(self.data.train, s.epoch)
         losses = torch.zeros(max(s.steps_per_epoch, 1), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
@@ -290,7 +307,11 @@ class Trainer:
                 self._emit("on_first_batch", images, labels)
             with autocast(device, self.amp):
                 logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing)
+                if self.world.distributed:  # this rank's part of the global batch's mean loss (DDP averages the ranks)
+                    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing,
+                                                       reduction="sum") * distributed.loss_scale(self.data.train, step, labels.shape[0], self.world)
+                else:
+                    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.train.grad_clip:
@@ -301,7 +322,7 @@ class Trainer:
             if self.scheduler_unit == "step":
                 self.scheduler.step()
             if self.average is not None:
-                self.average.update_parameters(model)
+                self.average.update_parameters(s.model)
             detached = loss.detach()
             losses[step] = detached
             correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
@@ -314,14 +335,19 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        # a rank's step loss is its share of the global batch's mean, times the world size (what DDP averages)
+        totals = torch.stack([losses[: s.steps_per_epoch].double().sum(), correct.double(), torch.tensor(float(seen), device=device)])
+        loss_sum, correct_all, seen_all = distributed.reduce_sum(totals).tolist()  # the one copy to the host
         return {
-            "train_loss": losses[: s.steps_per_epoch].mean().item(),
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_loss": loss_sum / max(s.steps_per_epoch, 1) / self.world.size,
+            "train_accuracy": correct_all / max(seen_all, 1),
             "seconds": seconds,
-            "images_per_second": seen / seconds if seconds > 0 else 0.0,
+            "images_per_second": seen_all / seconds if seconds > 0 else 0.0,
         }
 
     def _check_finite(self, losses: Tensor) -> None:
+        # One rank's NaN is every rank's stop, at the same step: no rank is left waiting in a collective.
+        losses = distributed.reduce_sum(losses.clone()) if self.world.distributed else losses
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
             step = int(bad.nonzero()[0, 0]) + 1
@@ -337,7 +363,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best model; returns the final metrics."""
         s, config = self.state, self.config
-        if s.epoch == 0 and not checkpoint_path(self.run_dir, "last").exists():
+        if self.saved_epoch is None:
             self.save(["last"])  # a resume point exists from the first second on
         self._emit("on_train_start")
         batch_key, where = "batch_size", "in epoch 1"
@@ -348,6 +374,7 @@ class Trainer:
                 batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
+                distributed.broadcast_buffers(self.evaluated_model)  # every rank evaluates what rank 0 saves
                 val = evaluate(self.evaluated_model, self.data.val, self.device, self.amp, config.train.tta_flip)
                 if not math.isfinite(val["loss"]):
                     # The training losses were finite, so the last steps broke the weights: keep them out of last.pt.
@@ -383,6 +410,11 @@ class Trainer:
                 f"out of memory on {self.device} {where} (data.{batch_key} = {size}).",
                 f"Try a smaller batch size, e.g. data.{batch_key}={max(1, size // 2)}",
             ) from None
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            lost = distributed.peer_lost(exc)  # another rank died: one line, not a gloo/NCCL traceback
+            if lost is None:
+                raise
+            raise lost from None
         self._emit("on_train_end", final)
         return final
 
@@ -391,8 +423,9 @@ class Trainer:
         s = self.state
         best = checkpoint_path(self.run_dir, "best")
         model = self.evaluated_model
-        if best.is_file():
-            model = self._placed(model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)))
+        saved = distributed.decide_on_main(self.world, lambda: load_checkpoint(best) if best.is_file() else None)
+        if saved is not None:
+            model = self._placed(model_from_checkpoint(saved, self.config, str(best)))
         result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
         final = {
             "epoch": s.epoch,
@@ -408,6 +441,8 @@ class Trainer:
 
     def _write_metrics(self, write: Any, rows: Any) -> None:
         """``write(RUN/metrics.jsonl, rows)`` with an unwritable file turned into a :class:`TrainingError`."""
+        if not self.world.is_main:
+            return
         path = self.run_dir / METRICS_FILE
         try:
             write(path, rows)
@@ -420,6 +455,7 @@ class Trainer:
     def close(self) -> None:
         for listener in self.listeners:
             listener.close()
+        distributed.stop()
 
 
 def _seed_everything(config: Config) -> None:
