@@ -11,6 +11,7 @@ path is the code it always was.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,13 @@ def loss_scale(source: object, step: int, local_count: int, world: World) -> flo
     return world.size / max(total, 1)
 
 
+def own_rng(payload: dict[str, Any], world: World) -> dict[str, Tensor]:
+    """The random state this rank resumes with: its own when the checkpoint's run had as many
+    processes, else rank 0's (whose order of the data every rank shares)."""
+    per_rank = payload.get("rng_per_rank") or [payload["rng"]]
+    return per_rank[world.rank] if len(per_rank) == world.size else payload["rng"]
+
+
 def set_epoch(source: object, epoch: int) -> None:
     """Reshuffle a ``DistributedSampler`` for ``epoch`` (its order depends on the seed and the epoch only)."""
     sampler = getattr(source, "sampler", None)
@@ -173,7 +181,7 @@ def set_epoch(source: object, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def peer_lost(exc: BaseException) -> TrainingError | None:
+def peer_lost(exc: BaseException, run_dir: Path) -> TrainingError | None:
     """The error to raise when ``exc`` says another training process is gone (it died, or a
     collective timed out waiting for it); ``None`` for any other error."""
     if not isinstance(exc, (dist.DistError, RuntimeError)) or not active():
@@ -182,8 +190,10 @@ def peer_lost(exc: BaseException) -> TrainingError | None:
     signs = ("Connection closed by peer", "Connection reset", "Timed out", "timeout", "Broken pipe", "NCCL")
     if not isinstance(exc, dist.DistError) and not any(sign in text for sign in signs):
         return None
-    return TrainingError(f"another training process stopped ({text.splitlines()[0][:160]})",
-                         "checkpoints/last.pt holds the last completed epoch; continue with cnnvis train --resume RUN_DIR.")
+    # gloo starts its messages with its source file: "[.../pair.cc:545] Read error ...: Connection reset by peer."
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]).split(". ")[0][:160]
+    return TrainingError(f"another training process stopped ({detail})",
+                         f"checkpoints/last.pt holds the last completed epoch; continue with: cnnvis train --resume {run_dir}")
 
 
 # ------------------------------------------------------------------ torchrun --max-restarts

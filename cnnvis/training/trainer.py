@@ -22,9 +22,15 @@ from cnnvis.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from cnnvis.config import Config, build_config, config_to_dict, save_config
+from cnnvis.config import Config, config_to_dict, save_config
 from cnnvis.data import DataBundle, build_data
-from cnnvis.device import amp_dtype, autocast, memory_format, resolve_device
+from cnnvis.device import (
+    amp_dtype,
+    autocast,
+    memory_format,
+    resolve_device,
+    seed_everything,
+)
 from cnnvis.errors import ConfigError, TrainingError
 from cnnvis.io import append_jsonl, read_jsonl, write_jsonl
 from cnnvis.models import build_model
@@ -34,11 +40,11 @@ from cnnvis.run import (
     checkpoint_path,
     create_run_dir,
     model_from_checkpoint,
-    resolve_checkpoint,
+    resume_point,
 )
 from cnnvis.training import distributed
 from cnnvis.training.loop import evaluate
-from cnnvis.training.optim import make_optimizer, make_scheduler
+from cnnvis.training.optim import check_schedule_fits, make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
     averaged_state,
     batch_mixer,
@@ -117,20 +123,11 @@ class Trainer:
         if resume is None and self.world.distributed:
             resume = distributed.restarted_run(runs_dir)  # torchrun --max-restarts: continue, not start over
         if resume is not None:
-            run_dir, checkpoint = resolve_checkpoint(resume, prefer="last")
-            payload = load_checkpoint(checkpoint, map_location="cpu")
-            config = build_config(payload["config"], overrides, source=f"{checkpoint} (stored config)")
-            saved_arch = payload.get("meta", {}).get("arch", config.model.arch)
-            if config.model.arch != saved_arch:
-                raise ConfigError(
-                    f"{checkpoint} holds a {saved_arch} model; a resumed run cannot switch to model.arch = {config.model.arch}.",
-                    "Keep the run's model.arch, or start a new run for the other architecture.",
-                )
-            self.run_dir = run_dir
+            self.run_dir, checkpoint, payload, config = resume_point(resume, overrides)
         elif config is None:
             raise ConfigError("a config is needed unless resuming a run")
         self.config = config
-        _seed_everything(config)
+        seed_everything(config.seed, config.deterministic)
         self.device = (distributed.start(self.world, device, config.train.collective_timeout_s) if self.world.distributed
                        else resolve_device(device))
         distributed.check_batch_split(config.data.batch_size, self.world)
@@ -201,20 +198,7 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         s = self.state
-        saved = payload.get("scheduler") or {}
-        planned = saved.get("total_steps", saved.get("T_max")) if self.scheduler_unit == "step" else None
-        wanted = s.steps_per_epoch * self.config.train.epochs
-        stored = payload["config"]["train"]["epochs"]
-        planned_by_epochs = self.config.scheduler.name in ("onecycle", "cosine")
-        if planned_by_epochs and (stored != self.config.train.epochs or planned not in (None, wanted)):
-            # Loading the state would keep the old plan: OneCycleLR raises past its end, cosine turns back up.
-            planned = planned or s.steps_per_epoch * stored
-            raise ConfigError(
-                f"this run's {self.config.scheduler.name} schedule was planned for {planned} steps "
-                f"({stored} epochs) but the resumed run needs {wanted} (train.epochs = {self.config.train.epochs}).",
-                "Resume with the run's own train.epochs and batch size, or start a new run; "
-                "scheduler.name step or none can be extended.",
-            )
+        check_schedule_fits(self.config, payload, s.steps_per_epoch, self.scheduler_unit)
         load_model_state(s.model, payload.get("trained_model", payload["model"]), "the checkpoint")
         if self.average is not None:
             if "average" in payload:
@@ -237,12 +221,9 @@ class Trainer:
         s.global_step = int(payload["global_step"])
         s.best_val_accuracy = float(payload["best_val_accuracy"])
         s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
-        per_rank = payload.get("rng_per_rank") or [payload["rng"]]
-        if len(per_rank) == self.world.size:  # as many processes as before: each continues its own streams
-            restore_rng(per_rank[self.world.rank], self.device, self.data.train)
-        else:  # another world size: rank 0's order of the data (the same on every rank), fresh dropout per rank
-            restore_rng(payload["rng"], self.device, self.data.train)
-            torch.manual_seed(self.config.seed * 1000 + self.world.rank + 1000 * s.epoch)
+        restore_rng(distributed.own_rng(payload, self.world), self.device, self.data.train)
+        if len(payload.get("rng_per_rank") or [0]) != self.world.size:  # resumed by another number of processes
+            torch.manual_seed(self.config.seed * 1000 + self.world.rank + 1000 * s.epoch)  # dropout: each rank its own
         rows = read_jsonl(self.run_dir / METRICS_FILE).rows
         # Lines after the checkpoint's epoch belong to work that is about to be redone.
         history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
@@ -307,11 +288,10 @@ class Trainer:
                 self._emit("on_first_batch", images, labels)
             with autocast(device, self.amp):
                 logits = model(images)
+                loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing,
+                                                   reduction="sum" if self.world.distributed else "mean")
                 if self.world.distributed:  # this rank's part of the global batch's mean loss (DDP averages the ranks)
-                    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing,
-                                                       reduction="sum") * distributed.loss_scale(self.data.train, step, labels.shape[0], self.world)
-                else:
-                    loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing)
+                    loss = loss * distributed.loss_scale(self.data.train, step, labels.shape[0], self.world)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.train.grad_clip:
@@ -411,10 +391,7 @@ class Trainer:
                 f"Try a smaller batch size, e.g. data.{batch_key}={max(1, size // 2)}",
             ) from None
         except (RuntimeError, torch.distributed.DistError) as exc:
-            lost = distributed.peer_lost(exc)  # another rank died: one line, not a gloo/NCCL traceback
-            if lost is None:
-                raise
-            raise lost from None
+            raise distributed.peer_lost(exc, self.run_dir) or exc  # another rank died: one line, not a gloo/NCCL traceback
         self._emit("on_train_end", final)
         return final
 
@@ -456,12 +433,3 @@ class Trainer:
         for listener in self.listeners:
             listener.close()
         distributed.stop()
-
-
-def _seed_everything(config: Config) -> None:
-    torch.manual_seed(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
