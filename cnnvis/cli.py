@@ -108,7 +108,7 @@ def train(
         launch(nproc_per_node, ["train", *([str(config)] if config is not None else []),
                                 *(arg for value in set_ for arg in ("--set", value)),
                                 *(arg for flag, value in options if value is not None for arg in (flag, str(value))),
-                                *(["--debug"] if debug else [])])
+                                *(["--debug"] if debug else [])], runs_dir, resume)
         return
     if config is not None and resume is not None:
         err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")

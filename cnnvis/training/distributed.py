@@ -81,6 +81,9 @@ def stop() -> None:
     """Leave the process group (each process once, at the end of training)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    if signal.getsignal(signal.SIGTERM) is signal.default_int_handler:
+        # Training is over: a SIGTERM now (torchrun ending the group) just ends the process, silently.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def active() -> bool:
@@ -224,11 +227,12 @@ def remember_run(runs_dir: str | Path, run_dir: Path) -> None:
 # ------------------------------------------------------------------ the in-process launcher
 
 
-def launch(nproc_per_node: int, arguments: Sequence[str]) -> None:
+def launch(nproc_per_node: int, arguments: Sequence[str], runs_dir: str | Path = "runs", resume: str | Path | None = None) -> None:
     """``torchrun --standalone --nproc-per-node N -m cnnvis ARGUMENTS`` run in this process by
     torchrun's own launcher (``torch.distributed.run``); returns when every process ended well.
 
-    Raises :class:`TrainingError` naming the first process that failed (torchrun has stopped the others)."""
+    Raises :class:`TrainingError` naming the first process that failed (torchrun has stopped the
+    others) and the run to resume (``resume``, or the one this launch started in ``runs_dir``)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import config_from_args, elastic_launch, parse_args
 
@@ -236,7 +240,7 @@ def launch(nproc_per_node: int, arguments: Sequence[str]) -> None:
         raise ConfigError(f"--nproc-per-node {nproc_per_node}: give at least 1", parameter="nproc_per_node")
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc_per_node), "--module", "cnnvis", *arguments])
     args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"  # what --standalone means (torch.distributed.run.run)
-    args.rdzv_id = f"cnnvis-{os.getpid()}"
+    args.rdzv_id = f"cnnvis-{os.getpid()}-{os.urandom(4).hex()}"
     config, command, command_args = config_from_args(args)
     try:
         elastic_launch(config=config, entrypoint=command)(*command_args)
@@ -244,5 +248,11 @@ def launch(nproc_per_node: int, arguments: Sequence[str]) -> None:
         rank, failure = exc.get_first_failure()
         how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
                else f"exited with status {failure.exitcode}")
+        marker = Path(runs_dir) / LAUNCH_MARKER.format(run_id=args.rdzv_id)
+        run = resume or (f"{Path(runs_dir) / marker.read_text(encoding='utf-8').strip()}" if marker.is_file() else None)
+        marker.unlink(missing_ok=True)
+        if run is None:
+            raise TrainingError(f"training process rank {rank} {how} before the run directory was made") from None
         raise TrainingError(f"training process rank {rank} {how}; torchrun stopped the others",
-                            "checkpoints/last.pt holds the last completed epoch: continue with cnnvis train --resume RUN_DIR.") from None
+                            f"checkpoints/last.pt holds the last completed epoch: continue with cnnvis train --resume {run}") from None
+    (Path(runs_dir) / LAUNCH_MARKER.format(run_id=args.rdzv_id)).unlink(missing_ok=True)  # only a restart needs it
