@@ -105,10 +105,12 @@ def train(
         from cnnvis.training.distributed import launch
 
         options = [("--name", name), ("--runs-dir", runs_dir), ("--resume", resume), ("--device", device)]
-        launch(nproc_per_node, ["train", *([str(config)] if config is not None else []),
+        status = launch(nproc_per_node, ["train", *([str(config)] if config is not None else []),
                                 *(arg for value in set_ for arg in ("--set", value)),
                                 *(arg for flag, value in options if value is not None for arg in (flag, str(value))),
                                 *(["--debug"] if debug else [])], runs_dir, resume)
+        if status:
+            raise typer.Exit(status)  # the failing process printed why
         return
     if config is not None and resume is not None:
         err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")

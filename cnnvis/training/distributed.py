@@ -10,6 +10,7 @@ path is the code it always was.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -227,12 +228,14 @@ def remember_run(runs_dir: str | Path, run_dir: Path) -> None:
 # ------------------------------------------------------------------ the in-process launcher
 
 
-def launch(nproc_per_node: int, arguments: Sequence[str], runs_dir: str | Path = "runs", resume: str | Path | None = None) -> None:
+def launch(nproc_per_node: int, arguments: Sequence[str], runs_dir: str | Path = "runs", resume: str | Path | None = None) -> int:
     """``torchrun --standalone --nproc-per-node N -m cnnvis ARGUMENTS`` run in this process by
-    torchrun's own launcher (``torch.distributed.run``); returns when every process ended well.
+    torchrun's own launcher (``torch.distributed.run``). Returns 0 when every process ended well,
+    else the exit status of the first that failed (rank 0 has said why).
 
-    Raises :class:`TrainingError` naming the first process that failed (torchrun has stopped the
-    others) and the run to resume (``resume``, or the one this launch started in ``runs_dir``)."""
+    Raises :class:`TrainingError` when a process was killed (it could say nothing), naming it and
+    the run to resume (``resume``, or the one this launch started in ``runs_dir``)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import config_from_args, elastic_launch, parse_args
 
@@ -241,18 +244,33 @@ def launch(nproc_per_node: int, arguments: Sequence[str], runs_dir: str | Path =
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc_per_node), "--module", "cnnvis", *arguments])
     args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"  # what --standalone means (torch.distributed.run.run)
     args.rdzv_id = f"cnnvis-{os.getpid()}-{os.urandom(4).hex()}"
+    # Each process gets its share of the cores (torchrun would pin 1 thread each, with a warning).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc_per_node)
+                                                 if hasattr(os, "sched_getaffinity") else 1))
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # what it logs, this says in one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     config, command, command_args = config_from_args(args)
+    marker = Path(runs_dir) / LAUNCH_MARKER.format(run_id=args.rdzv_id)
     try:
         elastic_launch(config=config, entrypoint=command)(*command_args)
+    except SignalException as exc:  # Ctrl-C (or a kill) reached the launcher: torchrun has stopped every process
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None  # rank 0 has said where the run stands
+        raise TrainingError(f"the launcher got {exc.sigval.name} and stopped every training process",
+                            "checkpoints/last.pt holds the last completed epoch.") from None
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        how = (f"was killed by {signal.Signals(-failure.exitcode).name}" if failure.exitcode < 0
-               else f"exited with status {failure.exitcode}")
-        marker = Path(runs_dir) / LAUNCH_MARKER.format(run_id=args.rdzv_id)
+        # SIGTERM is how torchrun stops the others once one failed: the cause is another process
+        killed = sorted((rank, f) for rank, f in exc.failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM)
+        spoke = sorted(f.exitcode for f in exc.failures.values() if f.exitcode > 0)
+        if not killed and spoke:
+            return spoke[0]
+        rank, failure = (killed or sorted(exc.failures.items()))[0]
+        how = f"was killed by {signal.Signals(-failure.exitcode).name}"
         run = resume or (f"{Path(runs_dir) / marker.read_text(encoding='utf-8').strip()}" if marker.is_file() else None)
-        marker.unlink(missing_ok=True)
         if run is None:
             raise TrainingError(f"training process rank {rank} {how} before the run directory was made") from None
         raise TrainingError(f"training process rank {rank} {how}; torchrun stopped the others",
                             f"checkpoints/last.pt holds the last completed epoch: continue with cnnvis train --resume {run}") from None
-    (Path(runs_dir) / LAUNCH_MARKER.format(run_id=args.rdzv_id)).unlink(missing_ok=True)  # only a restart needs it
+    finally:
+        marker.unlink(missing_ok=True)  # only a group torchrun restarts needs it
+    return 0
