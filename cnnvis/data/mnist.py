@@ -56,7 +56,8 @@ def _place_mnist_files(root: Path, download: bool) -> Path:
     for name in MNIST_FILES:
         target, packed = raw / name, raw / f"{name}.gz"
         if not target.exists() and packed.exists():
-            tmp = target.with_suffix(".part")
+            # one temp file per process: the processes of a torchrun launch all decompress at once
+            tmp = target.with_name(f"{name}.{os.getpid()}.part")
             try:
                 with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
