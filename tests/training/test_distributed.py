@@ -258,6 +258,11 @@ def test_a_batch_that_does_not_split_evenly_is_a_clear_error():
         distributed.check_batch_split(66, distributed.World(0, 4, 0))
 
 
+def test_sync_batchnorm_on_the_cpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="train.sync_batchnorm needs CUDA"):
+        distributed.wrap(torch.nn.BatchNorm1d(2), distributed.World(0, 2, 0), torch.device("cpu"), sync_batchnorm=True)
+
+
 def test_the_world_comes_from_torchrun_s_environment():
     assert distributed.detect_world({}) == distributed.World(0, 1, 0)
     world = distributed.detect_world({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
