@@ -6,31 +6,55 @@ import functools
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import (
     escape,  # user text (paths, values) may hold "[...]", which rich reads as markup
 )
 
 from cnnvis.errors import CnnvisError
-from cnnvis.vis.registry import method_names
+from cnnvis.catalog import METHOD_NAMES
+
+class _FlagsShowNoValue:
+    """Typer labels on/off flags (``--debug``, ``--help``) ``<bool>`` as if they took a value
+    (``--debug true`` is an error): an empty label shows them as the flags they are."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShowNoValue, TyperCommand):
+    pass
+
+
+class Group(_FlagsShowNoValue, TyperGroup):
+    pass
+
 
 app = typer.Typer(
     name="cnnvis",
+    cls=Group,
     help="Train CNN image classifiers from YAML configs, log them to TensorBoard, and see what they learned.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect the data a config points at.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect the data a config points at.", no_args_is_help=True, cls=Group)
 app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
+AllowUntrained = Annotated[bool, typer.Option(
+    "--allow-untrained", help="Explain a run that finished no epoch yet (random weights; every output says so).")]
 
 #: the library names parameters; on the command line they are these flags
 FLAGS = {"split": "--split", "target": "--target", "device": "--device", "images": "--images", "wrong": "--wrong",
@@ -79,7 +103,7 @@ def _quiet_rank() -> bool:
     return os.environ.get("RANK", "0") != "0"
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def train(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/mnist.yaml (optional with --resume).")] = None,
@@ -96,12 +120,13 @@ def train(
 ) -> None:
     """Train a model; writes runs/<name>-<time>/ with config, metrics, checkpoints and TensorBoard events."""
     from cnnvis.config import load_config
-    from cnnvis.training.trainer import Trainer
-    from cnnvis.views import ProgressListener, summary_table
 
     if config is None and resume is None:
         raise CnnvisError("give a config file (cnnvis train configs/mnist.yaml) or --resume RUN_DIR")
-    if nproc_per_node is not None:
+    if config is not None and resume is not None:
+        err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")
+    cfg = load_config(config, set_) if resume is None else None
+    if nproc_per_node is not None:  # the config was checked above, before any process starts
         from cnnvis.training.distributed import launch
 
         options = [("--name", name), ("--runs-dir", runs_dir), ("--resume", resume), ("--device", device)]
@@ -112,9 +137,10 @@ def train(
         if status:
             raise typer.Exit(status)  # the failing process printed why
         return
-    if config is not None and resume is not None:
-        err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")
-    cfg = load_config(config, set_) if resume is None else None
+    # torch loads only now, after the config is known to be good: a typo answers at once
+    from cnnvis.training.trainer import Trainer
+    from cnnvis.views import ProgressListener, summary_table
+
     listeners = [ProgressListener(console)]  # the trainer drops them on ranks other than 0
     trainer = Trainer(cfg, runs_dir=runs_dir, name=name, device=device, resume=resume, listeners=listeners, overrides=set_ if resume else ())
     cfg = trainer.config
@@ -166,9 +192,9 @@ class Split(str, Enum):
     test = "test"
 
 
-@app.command(help=(
+@app.command(cls=Command, help=(
     "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
-    f"Methods: {', '.join(method_names())}.\n\n"
+    f"Methods: {', '.join(METHOD_NAMES)}.\n\n"
     "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
 ))
 @friendly_errors
@@ -183,6 +209,7 @@ def visualize(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the PNGs here instead of RUN/visualizations.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_untrained: AllowUntrained = False,
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
@@ -191,11 +218,11 @@ def visualize(
     with console.status("drawing ...") as status:
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
-            out_dir=out, device=device, tensorboard=not no_tensorboard,
+            out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
             on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
         )
     run = result.run
-    title = f"{len(result.written)} picture(s) of {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+    title = f"{len(result.written)} picture{'s' if len(result.written) != 1 else ''} of\n{run.label}"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
@@ -203,7 +230,7 @@ def visualize(
     console.print(f"pictures in [bold]{escape(str(result.out_dir))}[/]{where}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def evaluate(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
@@ -217,6 +244,7 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures and tables to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    allow_untrained: AllowUntrained = False,
     debug: Debug = False,
 ) -> None:
     """Accuracy, per-class table, confusion matrix and confidently wrong images; --explanations: which maps to trust.
@@ -231,11 +259,11 @@ def evaluate(
     with console.status("evaluating ...") as status:
         outcome = evaluate_command(
             source, split=split.value, wrong=wrong, out_dir=out, explanations=explanations, images=images,
-            methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard,
+            methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
             on_progress=lambda text: status.update(f"{escape(text)} ..."),
         )
     run, ev = outcome.run, outcome.evaluation
-    console.print(evaluation_table(ev, f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"))
+    console.print(evaluation_table(ev, run.label))
     if ev.wrong_count:
         console.print(worst_mistakes_line(ev), soft_wrap=True)
     report = outcome.faithfulness
@@ -251,7 +279,7 @@ def evaluate(
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def report(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
@@ -267,14 +295,14 @@ def report(
     console.print(f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, {result.pictures} pictures; "
                   f"opens from disk, no network)", soft_wrap=True)
     for section, command in result.missing:
-        err_console.print(f"[yellow]note:[/] no {section.lower().rstrip('?')} section yet: {escape(command)}", soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] no \"{escape(section)}\" section yet: {escape(command)}", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=Command)
 @friendly_errors
 def summary(
     source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
     depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
     debug: Debug = False,
 ) -> None:
@@ -283,14 +311,14 @@ def summary(
     from cnnvis.views import layer_table
 
     result, title = summarize_source(source, set_)
-    console.print(layer_table(result, title, depth))
+    console.print(layer_table(result, title, depth, width=console.width))
 
 
-@data_app.command("check")
+@data_app.command("check", cls=Command)
 @friendly_errors
 def data_check(
     config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field (repeatable).")] = [],
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
     debug: Debug = False,
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""

@@ -104,8 +104,14 @@ class DataConfig(Section):
         raise ValueError("must be 'auto' or an integer >= 0")
 
 
+#: the ``model.arch`` names ``cnnvis.models.build_model`` builds; here, not in models.py, so that a
+#: config is checked without importing torch (models.py refuses to import if the two disagree)
+ARCHITECTURES: tuple[str, ...] = ("mnist_cnn", "mnist_classic", "resnet_small",
+                                  "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
 class ModelConfig(Section):
-    arch: str = Field("mnist_cnn", description="see `cnnvis.models.ARCHITECTURES`")
+    arch: str = Field("mnist_cnn", description="one of ARCHITECTURES")
     pretrained: str | None = Field(None, description="torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path")
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -113,8 +119,6 @@ class ModelConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from cnnvis.models import ARCHITECTURES
-
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture{_suggest(arch, list(ARCHITECTURES))}; choose one of: {', '.join(ARCHITECTURES)}")
         return arch
@@ -284,11 +288,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), source: str = "config",
+                 base: str | Path | None = None) -> Config:
     """Validate a raw mapping after applying ``key.path=value`` overrides.
 
     ``data.root`` comes from, strongest first: an override, the ``CNNVIS_DATA`` environment
-    variable, the mapping, the default; ``config.data.root_source`` says which.
+    variable, the mapping, the default; ``config.data.root_source`` says which. The root comes
+    out absolute: one written in the mapping relative to ``base`` (the config file's folder), so a
+    config works from any directory; any other relative to the current directory, where it was
+    typed. A run's saved config then names the folder it really read.
     """
     raw = _deep_copy(raw)
     overridden = set()
@@ -305,6 +313,11 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
         root_source = "environment"
     elif isinstance(data, dict) and "root" in data:
         root_source = "config"
+    if isinstance(raw.get("data", {}), dict):
+        section = raw.setdefault("data", {})
+        written = Path(str(section.get("root", DataConfig.model_fields["root"].default))).expanduser()
+        relative_to = Path(base) if base is not None and root_source == "config" else Path.cwd()
+        section["root"] = os.path.normpath(relative_to.resolve() / written)  # unchanged when absolute
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -315,7 +328,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read, override and validate a YAML config file."""
-    return build_config(read_yaml(path), overrides, source=str(path))
+    return build_config(read_yaml(path), overrides, source=str(path), base=Path(path).parent)
 
 
 def data_root(data: DataConfig) -> Path:

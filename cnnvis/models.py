@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
+from cnnvis.config import ARCHITECTURES
 from cnnvis.errors import CheckpointError, ConfigError
 
 
@@ -128,7 +129,8 @@ _RESNETS: dict[str, tuple[Callable[..., nn.Module], str]] = {
     "resnet152": (tv_models.resnet152, "ResNet152_Weights"),
 }
 
-ARCHITECTURES: tuple[str, ...] = ("mnist_cnn", "mnist_classic", "resnet_small", *_RESNETS)
+if ARCHITECTURES != ("mnist_cnn", "mnist_classic", "resnet_small", *_RESNETS):
+    raise ImportError("config.ARCHITECTURES and the builders in models.py disagree")
 
 
 def _torchvision_weights(arch: str, name: str) -> tv_models.WeightsEnum:

@@ -118,6 +118,17 @@ class LoadedRun:
     def architecture(self) -> str:
         return self.config.model.arch
 
+    @property
+    def untrained(self) -> bool:
+        """No epoch has finished: the weights are the random start-up ones."""
+        return self.epoch == 0
+
+    @property
+    def label(self) -> str:
+        """How titles and tables name the model: ``mnist_cnn, best.pt (epoch 8)``."""
+        return (f"{self.architecture}, {self.checkpoint.name} (epoch {self.epoch}"
+                f"{': UNTRAINED, random weights' if self.untrained else ''})")
+
     def data(self, device: torch.device | str | None = None, hint: str = "Use the data the run was trained on.") -> DataBundle:
         """The run's own data for evaluation, checked to still have the classes the model was
         trained on (else ``hint``). Image files are read as they are needed, never all decoded
@@ -139,11 +150,21 @@ def model_from_checkpoint(payload: dict[str, Any], config: Config, source: str) 
     return model
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu", prefer: str = "best") -> LoadedRun:
-    """Rebuild the model of a run (or checkpoint file) from the config stored in the checkpoint."""
+def load_run(path: str | Path, device: torch.device | str = "cpu", prefer: str = "best",
+             allow_untrained: bool = False) -> LoadedRun:
+    """Rebuild the model of a run (or checkpoint file) from the config stored in the checkpoint.
+
+    A run stopped before its first epoch ended holds only the start-up ``last.pt`` (epoch 0):
+    random weights, whose maps look as plausible as trained ones. That is refused unless
+    ``allow_untrained``; the loaded run then says ``untrained`` wherever it is named.
+    """
     device = torch.device(device)
     run_dir, checkpoint = resolve_checkpoint(path, prefer)
     payload = load_checkpoint(checkpoint, map_location="cpu")
+    if int(payload.get("epoch", 0)) == 0 and not allow_untrained:
+        raise CheckpointError(f"{run_dir if Path(path).is_dir() else checkpoint} has no checkpoint yet",
+                              "Train it first (an epoch must finish before best.pt exists), "
+                              "or pass --allow-untrained to explain the random start-up weights.")
     config = build_config(payload["config"], source=f"{checkpoint} (stored config)")
     model = model_from_checkpoint(payload, config, str(checkpoint)).to(device).eval()
     return LoadedRun(model=model, config=config, spec=ImageSpec.from_dict(payload["meta"]), run_dir=run_dir,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,55 +37,69 @@ ROOT_SOURCES = {"override": "--set", "environment": "CNNVIS_DATA", "config": "th
 
 
 class ProgressListener(Listener):
-    """One bar per epoch; the loss shown is read every ``train.log_every`` steps, not every step."""
+    """A header, one bar per epoch while it runs, then one line per finished epoch (80 columns).
+
+    The loss shown is the epoch's running mean, read at the first step and then about ten times
+    an epoch (at most every ``train.log_every`` steps): each read waits for the device once.
+    """
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TimeElapsedColumn(),
+            TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
         )
         self.task = None
         self.every = 50
+        self.running: Tensor | None = None
 
     def on_train_start(self, state: TrainState) -> None:
-        self.every = state.config.train.log_every
         self.progress.start()
-        data, root = state.data, state.config.data
-        self.console.print(
-            f"[bold]run[/] {escape(str(state.run_dir))}  [bold]device[/] {state.device}  "
-            f"[bold]data[/] {data.sizes['train']} train / {data.sizes['val']} val / "
-            f"{data.sizes['test']} test, {data.num_classes} classes, "
-            f"from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]}), "
-            f"{data.pipeline}{_processes(state)}",
-            soft_wrap=True,  # paths stay whole, copyable
-        )
+        data, root, epochs = state.data, state.config.data, state.config.train.epochs
+        # One fact per line, so that nothing wraps mid-phrase at 80 columns; paths stay whole.
+        started = (f"resumed after epoch {state.epoch} of {epochs}" if state.epoch
+                   else f"new, {epochs} epoch{'s' if epochs != 1 else ''}")
+        lines = [
+            f"[bold]run[/]     {escape(str(state.run_dir))} ({started})",
+            f"[bold]device[/]  {state.device}",
+            f"[bold]data[/]    {data.sizes['train']} train / {data.sizes['val']} val / {data.sizes['test']} test, "
+            f"{data.num_classes} classes",
+            f"        from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})",
+            f"        {escape(data.pipeline)}",
+            *_processes(state),
+        ]
+        for line in lines:
+            self.console.print(line, soft_wrap=True, highlight=False)
 
     def on_epoch_start(self, state: TrainState) -> None:
         label = f"{state.epoch + 1}/{state.config.train.epochs}"
+        steps = max(state.steps_per_epoch, 1)
+        self.every = max(1, min(state.config.train.log_every, steps // 10))
+        self.running = None
         self.task = self.progress.add_task("train", total=state.steps_per_epoch, epoch=label, loss="-")
 
     def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
-        if (step_in_epoch + 1) % self.every == 0:
-            self.progress.update(self.task, advance=1, loss=f"{loss.item():.4f}")
+        self.running = loss.detach().float() if self.running is None else self.running + loss.detach().float()
+        if step_in_epoch == 0 or (step_in_epoch + 1) % self.every == 0:
+            self.progress.update(self.task, advance=1, loss=f"{self.running.item() / (step_in_epoch + 1):.4f}")
         else:
             self.progress.advance(self.task)
 
     def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        self.progress.update(
-            self.task,
-            completed=state.steps_per_epoch,
-            loss=(
-                f"{metrics['train_loss']:.4f}  acc {metrics['train_accuracy']:.2%}  "
-                f"val {metrics['val_loss']:.4f} / {metrics['val_accuracy']:.2%}  "
-                f"{metrics['images_per_second']:.0f} img/s"
-            ),
+        self.progress.remove_task(self.task)
+        epochs = state.config.train.epochs
+        self.console.print(
+            f"epoch {state.epoch:>{len(str(epochs))}}/{epochs}  loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_accuracy']:.2%}  val {metrics['val_loss']:.4f} {metrics['val_accuracy']:.2%}  "
+            f"{metrics['images_per_second']:.0f} img/s  {metrics['seconds']:.1f} s",
+            highlight=False,
         )
 
     def on_train_end(self, state: TrainState, final: dict[str, Any]) -> None:
@@ -94,19 +109,19 @@ class ProgressListener(Listener):
         self.progress.stop()
 
 
-def _processes(state: TrainState) -> str:
-    """The header's note on several training processes: how the global batch is shared out."""
+def _processes(state: TrainState) -> list[str]:
+    """The header's line on several training processes: how the global batch is shared out."""
     n = state.world_size
     if n == 1:
-        return ""
+        return []
     batch = state.config.data.batch_size
-    return f"  [bold]processes[/] {n}, global batch {batch} ({batch // n} per process)"
+    return [f"[bold]processes[/] {n}, global batch {batch} ({batch // n} per process)"]
 
 
 def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:
     # Light borders and unwrapped cells: the eight columns fit an 80-column terminal whole.
     table = Table(title="training summary", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "img/s", "seconds"):
+    for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "peak lr", "img/s", "seconds"):
         table.add_column(column, justify="right", no_wrap=True)
     for row in history:
         table.add_row(
@@ -115,7 +130,7 @@ def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table
             f"{row['train_accuracy']:.2%}",
             f"{row['val_loss']:.4f}",
             f"{row['val_accuracy']:.2%}",
-            f"{row['lr']:.2e}",
+            f"{row.get('lr_max', row['lr']):.2e}",  # runs before lr_max was recorded: the epoch's first rate
             f"{row['images_per_second']:.0f}",
             f"{row['seconds']:.1f}",
         )
@@ -137,7 +152,8 @@ def visualize_table(result: Result, title: str) -> Table:
 
 def evaluation_table(ev: Evaluation, where: str) -> Table:
     correct = round(ev.accuracy * ev.count)
-    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f} · {where}")
+    # one phrase per title line: a table narrower than its title would wrap it mid-phrase
+    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f}\n{where}")
     for column in ("class", "images", "predicted", "precision", "recall", "F1", "accuracy\n(one vs rest)"):
         table.add_column(column, justify="left" if column == "class" else "right")
     number = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731 - NaN: undefined (e.g. a class never predicted)
@@ -155,7 +171,7 @@ def worst_mistakes_line(ev: Evaluation) -> str:
 
 def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
     layers = sorted({r.layer for r in report.rows if r.layer})
-    table = Table(title=f"which map can I trust? {report.images} {split} images, predicted class, {report.steps} steps"
+    table = Table(title=f"which map can I trust?\n{report.images} {split} images, predicted class, {report.steps} steps"
                         + (f", layer {', '.join(layers)}" if layers else ""))
     for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "rand.\n|ρ| ↓", "SSIM", "sanity", "beats\nrandom"):
         table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
@@ -172,19 +188,40 @@ def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
     return table
 
 
-def layer_table(result: ModelSummary, title: str, depth: int = 0) -> Table:
-    table = Table(title=title)
-    for column, justify in (("layer (--layer)", "left"), ("type", "left"), ("output", "left"),
-                            ("params", "right"), ("trainable", "left"), ("mult-adds", "right")):
-        table.add_column(column, justify=justify, no_wrap=column != "type")
+#: the layer table's columns, in the order they are given up when the terminal is narrow
+#: (the layer name, the one thing --layer needs, is never dropped)
+LAYER_COLUMNS_DROP_ORDER = ("mult-adds", "trainable", "params", "output", "type")
+
+
+def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | None = None) -> Table:
+    """The layer table; at ``width`` columns the least needed columns are left out (said in the
+    caption) instead of cutting every cell."""
+    rows = []
     for row in result:
         if depth and row.depth > depth:
             continue
         shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-"
-        table.add_row("  " * (row.depth - 1) + row.name, row.type, shape, f"{row.num_params:,}", row.trainable,
-                      _short(row.mult_adds) if row.mult_adds else "-")
-    table.caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
-                     f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
+        rows.append({"layer (--layer)": "  " * (row.depth - 1) + row.name, "type": row.type, "output": shape,
+                     "params": f"{row.num_params:,}", "trainable": row.trainable,
+                     "mult-adds": _short(row.mult_adds) if row.mult_adds else "-"})
+    columns = ["layer (--layer)", "type", "output", "params", "trainable", "mult-adds"]
+    dropped: list[str] = []
+    while True:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in columns:
+            table.add_column(column, justify="right" if column in ("params", "mult-adds") else "left", no_wrap=True)
+        for r in rows:
+            table.add_row(*(r[c] for c in columns))
+        if width is None or len(columns) == 1 or _table_width(table) <= width:
+            break
+        drop = next(c for c in LAYER_COLUMNS_DROP_ORDER if c in columns)
+        columns.remove(drop)
+        dropped.append(drop)
+    caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
+               f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
+    if dropped:
+        caption += f"; at {width} columns without: {', '.join(dropped)}"
+    table.caption = caption
     return table
 
 
@@ -195,6 +232,12 @@ def split_sizes_table(bundle: DataBundle) -> Table:
     for split, count in bundle.sizes.items():
         table.add_row(split, str(count))
     return table
+
+
+def _table_width(table: Table) -> int:
+    """Columns ``table`` takes when nothing is cut."""
+    wide = Console(width=10_000)
+    return Measurement.get(wide, wide.options, table).maximum
 
 
 def _short(count: int) -> str:

@@ -248,3 +248,33 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "configs" / name)
     assert config.name
+
+
+def test_a_relative_root_in_a_config_file_is_relative_to_the_file_not_the_current_directory(tmp_path, monkeypatch):
+    from cnnvis.config import data_root, load_config
+
+    (tmp_path / "project" / "configs").mkdir(parents=True)
+    config = tmp_path / "project" / "configs" / "digits.yaml"
+    config.write_text("data:\n  root: ../../datasets\n")
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("CNNVIS_DATA", raising=False)
+    loaded = load_config(config)
+    assert data_root(loaded.data) == tmp_path / "datasets" and data_root(loaded.data).is_absolute()
+    # typed where the user stands: relative to the current directory
+    assert load_config(config, ["data.root=here"]).data.root == str(elsewhere / "here")
+    monkeypatch.setenv("CNNVIS_DATA", "env-data")
+    assert load_config(config).data.root == str(elsewhere / "env-data")
+
+
+def test_the_shipped_configs_find_the_shared_data_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from cnnvis.config import data_root, load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("CNNVIS_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for name in ("mnist.yaml", "flowers5.yaml"):
+        assert data_root(load_config(repo / "configs" / name).data) == repo.parent / "shared" / "data"

@@ -68,6 +68,7 @@ class Evaluation:
     checkpoint: str = ""
     epoch: int = 0
     architecture: str = ""
+    untrained: bool = False  #: the model had finished no epoch (random start-up weights)
 
     @property
     def macro_f1(self) -> float:
@@ -94,6 +95,7 @@ class Evaluation:
             ],
             "checkpoint": self.checkpoint,
             "epoch": self.epoch,
+            "untrained": self.untrained,
             "architecture": self.architecture,
         })
 
@@ -113,7 +115,7 @@ class Evaluation:
             confidently_wrong=[WrongImage(int(w["index"]), names.index(w["true"]), names.index(w["predicted"]),
                                           float(w["probability"])) for w in data["confidently_wrong"]],
             wrong_images=torch.zeros(0), checkpoint=str(data.get("checkpoint", "")), epoch=int(data.get("epoch", 0)),
-            architecture=str(data.get("architecture", "")),
+            architecture=str(data.get("architecture", "")), untrained=bool(data.get("untrained", False)),
         )
 
 
@@ -164,6 +166,7 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         checkpoint=str(run.checkpoint),
         epoch=run.epoch,
         architecture=run.architecture,
+        untrained=run.untrained,
     )
 
 
@@ -176,11 +179,13 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
     ev = evaluation
     out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
     names = ev.class_names
-    where = f"{run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
-    common = {"split": ev.split, "checkpoint": ev.checkpoint, "epoch": ev.epoch, "architecture": ev.architecture}
+    where = run.label
+    common = {"split": ev.split, "checkpoint": ev.checkpoint, "epoch": ev.epoch, "untrained": ev.untrained,
+              "architecture": ev.architecture}
 
     # short title: the figure is sized by the class count and a long title would be cut off
-    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {ev.count} images")
+    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {plots.count(ev.count, 'image')}"
+                                                + (" · UNTRAINED" if ev.untrained else ""))
     confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / EvaluationFiles.CONFUSION_MATRIX,
                                    {**common, "rows": "true class", "columns": "predicted class",
                                     "class_names": names, "counts": ev.confusion.tolist()})
@@ -246,6 +251,7 @@ def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", 
         "class_names": names,
         "checkpoint": str(run.checkpoint),
         "epoch": run.epoch,
+        "untrained": run.untrained,
         "architecture": run.architecture,
         "device": str(run.device),
     }
@@ -311,6 +317,7 @@ def evaluate_command(
     steps: int = 16,
     device: str = "auto",
     tensorboard: bool = False,
+    allow_untrained: bool = False,
     on_progress: Callable[[str], None] | None = None,
 ) -> EvaluateOutcome:
     """What ``cnnvis evaluate`` does: metrics and pictures, then (``explanations``) the faithfulness
@@ -321,7 +328,7 @@ def evaluate_command(
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
     own_writer = LazyWriter(run.run_dir) if tensorboard and writer is None else None
     try:
         return _evaluate(run, split, wrong, out_dir, writer or own_writer, explanations, images, methods, layer, steps,
@@ -354,7 +361,7 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
     outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None)
     if explanations:
         report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress)
-        title = f"deletion and insertion on {report.images} {split} images · {run.architecture}, {run.checkpoint.name} (epoch {run.epoch})"
+        title = f"deletion and insertion on {report.images} {split} images · {run.label}"
         outcome.faithfulness = report
         outcome.faithfulness_files = write_faithfulness(report, out, writer, run.epoch, title)
     return outcome

@@ -108,6 +108,13 @@ def _gallery(folder: Path) -> list[GalleryGroup]:
     return groups
 
 
+def _is_heatmap(method: str) -> bool:
+    """Heatmaps answer "why this decision?" and lead the page; the rest (activations, filters,
+    class images) show what was learned and come later, folded."""
+    spec = METHODS.get(method)
+    return spec is None or spec.kind == "heatmap"
+
+
 def _natural(stem: str) -> tuple:
     """``image-2`` before ``image-10``; layer names in their module order (``features.6`` < ``features.13``)."""
     return tuple(int(part) if part.isdigit() else part for part in stem.replace("-", ".").split("."))
@@ -123,8 +130,10 @@ def _caption(png: Path, meta: dict[str, Any]) -> str:
             parts.append("weights " + "×".join(map(str, shape)))
     elif meta.get("image"):
         parts.append(str(meta["image"]))
+    elif isinstance(meta.get("classes"), list) and meta["classes"]:
+        parts.append(plots.count(len(meta["classes"]), "class"))
     elif isinstance(meta.get("images"), list) and meta["images"]:
-        parts.append(f"{len(meta['images'])} images")
+        parts.append(plots.count(len(meta["images"]), "image"))
     if meta.get("target") is not None and meta.get("method") not in ("filters", "activations"):
         parts.append(f"target {meta['target']}")
     if meta.get("checkpoint"):
@@ -248,7 +257,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
             faith_rows=faith_rows,
             faith_curves=faith_curves,
             fmt=_fmt,
-            gallery=gallery,
+            explain_groups=[g for g in gallery if _is_heatmap(g.method)],
+            learned_groups=[g for g in gallery if not _is_heatmap(g.method)],
+            visualize_hint=f"cnnvis visualize {run}",
             config_text=config_text,
             missing=dict(missing),
             sections=sections,

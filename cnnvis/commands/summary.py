@@ -276,7 +276,7 @@ def summarize_source(source: str | Path, overrides: Sequence[str] = ()) -> tuple
                             freeze=config.model.freeze, dropout=config.model.dropout)
         title = f"{config.model.arch} ({source})"
     else:
-        run = load_run(source)
+        run = load_run(source, allow_untrained=True)  # the layer table does not depend on the weights
         model, spec = run.model, run.spec
         if run.config.model.freeze == "backbone":
             freeze_backbone(model)

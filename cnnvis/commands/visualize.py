@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from torch import Tensor
 
 from cnnvis import plots
@@ -30,6 +29,7 @@ from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
+from cnnvis.vis.maps import FLAT_SPREAD, flat_maps
 from cnnvis.vis.occlusion import OcclusionMaps
 from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
 
@@ -196,10 +196,23 @@ class Visualizer:
             colors.append(None if labels is None else ("#1a7f37" if labels[i] == pred else "#cf222e"))
         return captions, colors
 
-    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def _model_fields(self, method: str, layer: str | None, parameters: dict[str, Any]) -> dict[str, Any]:
+        """What every sidecar says: the method and the model it explained."""
         return {
             "method": method,
             "layer": layer,
+            "parameters": parameters,
+            "seed": SEED,
+            "checkpoint": str(self.run.checkpoint),
+            "epoch": self.run.epoch,
+            "untrained": self.run.untrained,
+            "architecture": self.run.architecture,
+        }
+
+    def _sidecar(self, method: str, layer: str | None, parameters: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        """A sidecar of pictures of the explained images: the model, then each image's classes."""
+        return {
+            **self._model_fields(method, layer, parameters),
             "target": self.target_spec,
             "targets": [self._name(t) for t in self.target_list],
             "target_probability": self.target_prob,
@@ -207,11 +220,6 @@ class Visualizer:
             "predicted_probability": self.pred_prob,
             "true": None if self.batch.labels is None else [self._name(t) for t in self.batch.labels.tolist()],
             "images": self.batch.sources,
-            "parameters": parameters,
-            "seed": SEED,
-            "checkpoint": str(self.run.checkpoint),
-            "epoch": self.run.epoch,
-            "architecture": self.run.architecture,
             **extra,
         }
 
@@ -227,7 +235,7 @@ class Visualizer:
 
     def _title(self, label: str, layer: str | None) -> str:
         where = f" · layer {layer}" if layer else ""
-        return f"{label}{where} · {self.run.architecture}, {self.run.checkpoint.name} (epoch {self.run.epoch})"
+        return f"{label}{where} · {self.run.label}"
 
     # ------------------------------------------------------------------ one drawing per kind of result
 
@@ -251,8 +259,9 @@ class Visualizer:
             parameters = {**spec.defaults, **params}
             if details is not None:
                 parameters |= {"window": list(details.window), "stride": list(details.stride)}
-            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode)
-            self._write(png, spec.name, layer, layer or spec.name, sidecar, f"{len(captions)} images", started)
+            sidecar = self._sidecar(spec.name, layer, parameters, normalization=mode,
+                                    flat_maps=flat_maps(maps).tolist(), flat_spread=FLAT_SPREAD)
+            self._write(png, spec.name, layer, layer or spec.name, sidecar, plots.count(len(captions), "image"), started)
             if details is not None:
                 self._occlusion_classes(details, captions, colors, parameters)
 
@@ -261,26 +270,16 @@ class Visualizer:
         """Which class the model predicts while each window is covered, as a colour per position."""
         started = time.perf_counter()
         predicted = found.predicted.cpu()
-        names = self.run.spec.class_names
-        palette = colormaps["tab20" if len(names) > 10 else "tab10"]
-        colours = torch.tensor([palette(i % palette.N)[:3] for i in range(len(names))], dtype=torch.float32)
-        h, w = self.batch.images.shape[-2:]
-        painted = colours[predicted].permute(0, 3, 1, 2)  # [N, 3, nh, nw]
-        painted = F.interpolate(painted, size=(h, w), mode="nearest")
-        shown = plots.to_rgb(plots.denormalize(self.batch.images, self.run.spec.mean, self.run.spec.std))
-        blended = 0.45 * shown + 0.55 * painted
-        lines = []
-        for i, caption in enumerate(captions):
-            classes, counts = predicted[i].flatten().unique(return_counts=True)
-            order = counts.argsort(descending=True)[:3]
-            share = ", ".join(f"{self._name(int(classes[j]))} {int(counts[j]) / predicted[i].numel():.0%}" for j in order)
-            lines.append(f"{caption}\npredicted while covered: {share}")
-        png = plots.image_grid_figure(blended, lines, self._title("class predicted with each window covered", None),
-                                      caption_colors=colors, columns=4)
+        png = plots.occlusion_classes_figure(
+            self.batch.images, predicted, self.pred, self.run.spec.class_names, captions,
+            self._title("class predicted with each window covered", None), mean=self.run.spec.mean,
+            std=self.run.spec.std, caption_colors=colors)
+        unoccluded = self.pred.cpu()
         sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
-        ])
-        self._write(png, "occlusion", None, "predicted-class", sidecar, f"{len(captions)} images", started)
+        ], prediction_changed_per_window=(predicted != unoccluded.view(-1, 1, 1)).tolist(),
+            legend=[self._name(c) for c in plots.changed_classes(predicted, unoccluded)])
+        self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         names = list(layers) or stage_layers(self.run.model)
@@ -293,7 +292,7 @@ class Visualizer:
                 image=self.batch.images[i], mean=self.run.spec.mean, std=self.run.spec.std,
             )
             sidecar = self._sidecar(spec.name, None, {"layers": names}, image=source)
-            self._write(png, spec.name, None, f"image-{i}", sidecar, f"{len(names)} layers", started)
+            self._write(png, spec.name, None, f"image-{i}", sidecar, plots.count(len(names), "layer"), started)
             started = time.perf_counter()
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
@@ -325,8 +324,11 @@ class Visualizer:
         png = plots.image_grid_figure(made.detach().float().cpu(), captions,
                                       self._title("the network's idea of each class (activation maximisation)", None),
                                       mean=self.run.spec.mean, std=self.run.spec.std)
-        sidecar = self._sidecar(spec.name, None, {**spec.defaults, "seed": SEED}, classes=[self._name(c) for c in classes])
-        self._write(png, spec.name, None, "classes", sidecar, f"{len(classes)} classes", started)
+        # made from noise, not from the explained images: the sidecar names the classes drawn, nothing per image
+        sidecar = {**self._model_fields(spec.name, None, {**spec.defaults, "seed": SEED}),
+                   "classes": [self._name(c) for c in classes],
+                   "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
+        self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
 
 
 def visualize_command(
@@ -341,6 +343,7 @@ def visualize_command(
     out_dir: str | Path | None = None,
     device: str = "auto",
     tensorboard: bool = False,
+    allow_untrained: bool = False,
     on_written: Callable[[Written], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
@@ -351,7 +354,7 @@ def visualize_command(
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device))
+    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
     batch = file_images(run, files) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
     writer = LazyWriter(run.run_dir) if tensorboard else None

@@ -14,6 +14,7 @@ returns :class:`PNG` bytes; pass ``path=`` to also write the file (atomically) w
 
 from cnnvis.plots.base import (
     PNG,
+    count,
     figure_to_png,
     figure_to_tensor,
     format_caption,
@@ -36,10 +37,11 @@ from cnnvis.plots.color import (
 from cnnvis.plots.filters import filter_grid_figure, filter_tiles
 from cnnvis.plots.grids import activation_grid_figure, image_grid_figure
 from cnnvis.plots.heatmaps import heatmap_figure
+from cnnvis.plots.occlusion import changed_classes, class_palette, occlusion_classes_figure
 
 __all__ = [
-    "DEFAULT_CMAP", "DIVERGING_CMAP", "PNG", "activation_grid_figure", "colorize", "confusion_matrix_image",
-    "denormalize", "faithfulness_curves_figure", "figure_to_png", "figure_to_tensor", "filter_grid_figure",
-    "filter_tiles", "format_caption", "heatmap_figure", "image_grid_figure", "overlay", "save_png", "tensor_to_png",
-    "to_rgb", "training_curves_figure",
+    "DEFAULT_CMAP", "DIVERGING_CMAP", "PNG", "activation_grid_figure", "changed_classes", "class_palette", "colorize",
+    "confusion_matrix_image", "count", "denormalize", "faithfulness_curves_figure", "figure_to_png", "figure_to_tensor",
+    "filter_grid_figure", "filter_tiles", "format_caption", "heatmap_figure", "image_grid_figure",
+    "occlusion_classes_figure", "overlay", "save_png", "tensor_to_png", "to_rgb", "training_curves_figure",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 
 from cnnvis.errors import CnnvisError
 from cnnvis.io import atomic_write, json_text
@@ -33,6 +36,7 @@ LINE = 1.3  # line height as a multiple of the font size
 MARGIN = 0.15  # outer margin, inch
 GRAY_TEXT = "#444444"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_TO_PATH = TextToPath()
 
 
 class PNG(bytes):
@@ -56,6 +60,13 @@ class PNG(bytes):
     @property
     def height(self) -> int:
         return self.size[1]
+
+def count(n: int, noun: str) -> str:
+    """``1 image``, ``8 images``, ``5 classes``: a number with its noun in the right number."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}es" if noun.endswith(("s", "x", "ch", "sh")) else f"{n} {noun}s"
+
 
 def format_caption(
     true: str | None = None,
@@ -82,14 +93,33 @@ def _percent(p: float) -> str:
         return f"{p:.0f}%" if p >= 1 or p == 0 else f"{p:.1g}%"
     return f"{p:.0f}%" if p >= 10 else f"{p:.1f}%"
 
-def wrap(text: str | None, width_in: float, pt: float) -> list[str]:
-    """Wrap ``text`` so that each line fits ``width_in`` inches at ``pt`` points."""
+_NBSP = "\u00a0"  # textwrap breaks only at ASCII whitespace
+_SHORT_GROUP = re.compile(r"\([^()]{1,28}\)")
+
+
+def text_width_in(text: str, pt: float, bold: bool = False) -> float:
+    """Width of ``text`` in inches as matplotlib draws it (its default font, ``pt`` points)."""
+    prop = FontProperties(size=pt, weight="bold" if bold else "normal")
+    width, _, _ = _TEXT_TO_PATH.get_text_width_height_descent(text.replace(_NBSP, " "), prop, ismath=False)
+    return width * PT
+
+
+def wrap(text: str | None, width_in: float, pt: float, bold: bool = False) -> list[str]:
+    """Wrap ``text`` at word boundaries so that each line fits ``width_in`` inches at ``pt``
+    points, measured in the font it is drawn in; a short parenthesised phrase, such as
+    ``(epoch 12)`` or ``(Selvaraju et al. 2017)``, stays on one line."""
     if not text:
         return []
-    chars = max(8, int(width_in / (0.56 * pt * PT)))
     lines: list[str] = []
     for para in str(text).splitlines() or [""]:
-        lines.extend(textwrap.wrap(para, chars, break_on_hyphens=False) or [""])
+        kept = _SHORT_GROUP.sub(lambda m: m.group(0).replace(" ", _NBSP), para)
+        chars = max(8, int(width_in / (0.5 * pt * PT)))  # a first guess, then shortened until it fits
+        while True:
+            found = textwrap.wrap(kept, chars, break_on_hyphens=False) or [""]
+            if chars <= 8 or all(text_width_in(line, pt, bold) <= width_in for line in found):
+                break
+            chars -= 1
+        lines.extend(line.replace(_NBSP, " ") for line in found)
     return lines
 
 def text_h(lines: int, pt: float) -> float:

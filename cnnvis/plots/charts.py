@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from cnnvis.plots.base import PNG, figure_to_png, figure_to_tensor
@@ -48,7 +49,14 @@ def confusion_matrix_image(matrix: Tensor, class_names: Sequence[str], title: st
 
 
 def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = "") -> PNG | None:
-    """Loss and accuracy per epoch (train and validation) from ``metrics.jsonl`` epoch records."""
+    """Loss and accuracy per epoch (train and validation) from ``metrics.jsonl`` epoch records
+    as a PNG; ``None`` when no epoch finished."""
+    fig = training_curves_plot(history, title)
+    return None if fig is None else figure_to_png(fig)
+
+
+def training_curves_plot(history: Sequence[Mapping[str, Any]], title: str = "") -> Figure | None:
+    """The matplotlib figure :func:`training_curves_figure` draws."""
     epochs = [r for r in history if "epoch" in r and ("train_loss" in r or "val_loss" in r)]
     if not epochs:
         return None
@@ -62,6 +70,7 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = ""
             if points:
                 ax.plot(*zip(*points), style, markersize=3.5, linewidth=1.5, label=key.split("_")[0].replace("val", "validation"))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5" between two points
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -70,7 +79,7 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]], title: str = ""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return figure_to_png(fig)
+    return fig
 
 
 def faithfulness_curves_figure(report: FaithfulnessReport, title: str = "") -> PNG:

@@ -102,7 +102,7 @@ def filter_grid_figure(
     iw, ih = side * gw / max(gh, gw), side * gh / max(gh, gw)
     label_w = 0.55 if matrix else 0.35
     width = max(iw + 2 * label_w + 2 * MARGIN, 5.6)
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     name_lines = wrap(f"{layer_name}  ·  weight [{shape}]", width - 2 * MARGIN, CAPTION_PT + 1)
     kind_lines = wrap(kind, width - 2 * MARGIN, CAPTION_PT)
     legend_lines = wrap(legend, width - 2 * MARGIN, SMALL_PT + 0.5)

@@ -52,6 +52,8 @@ def image_grid_figure(
     columns: int | None = None,
     caption_colors: Sequence[str | None] | None = None,
     panel_size: float | None = None,
+    legend: Sequence[tuple[str, tuple[float, float, float]]] = (),
+    legend_note: str = "",
     dpi: float = 100,
     path: str | os.PathLike[str] | None = None,
     sidecar: Mapping[str, Any] | None = None,
@@ -60,7 +62,8 @@ def image_grid_figure(
     examples, activation-maximisation images ("true 7 / pred 1 (83%)").
 
     ``images`` as in :func:`heatmap_figure` (normalised with ``mean``/``std`` or in ``[0, 1]``);
-    ``columns`` defaults to at most 8.
+    ``columns`` defaults to at most 8. ``legend``: ``(name, rgb)`` swatches under the grid (the
+    key of a colour-coded picture), followed by ``legend_note``.
     """
     img01 = images01(images, mean, std)
     n, _, h, w = img01.shape
@@ -76,10 +79,12 @@ def image_grid_figure(
     caption_lines = [wrap(captions[i], cell_w + gap * 0.8, CAPTION_PT) if captions else [] for i in range(n)]
     cap_h = max((text_h(len(c), CAPTION_PT) for c in caption_lines), default=0.0)
     cell_h = cap_h + (0.04 if cap_h else 0) + ph
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     title_h = text_h(len(title_lines), TITLE_PT) + 0.12 if title_lines else 0.0
     row_gap = 0.15
-    height = 2 * MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap
+    key_rows = _legend_rows(legend, width - 2 * MARGIN)
+    key_h = (len(key_rows) * LEGEND_ROW_H + 0.1 if key_rows else 0.0) + (text_h(1, SMALL_PT) + 0.05 if legend_note else 0.0)
+    height = 2 * MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap + key_h
 
     cv = Canvas(width, height, dpi)
     cv.text(width / 2, MARGIN, title_lines, TITLE_PT, fontweight="bold")
@@ -93,7 +98,44 @@ def image_grid_figure(
         cv.text(left + cell_w / 2, top, caption_lines[i], CAPTION_PT, color=color)
         ax = cv.axes(left + (cell_w - pw) / 2, top + cap_h + (0.04 if cap_h else 0), pw, ph)
         imshow(ax, rgb[i], interp)
+    _draw_legend(cv, key_rows, MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap + 0.1, legend_note)
     return finish(figure_to_png(cv.fig), path, sidecar)
+
+
+LEGEND_ROW_H = 0.2  #: inch per row of legend swatches
+_SWATCH = 0.12  #: inch
+
+
+def _legend_item_w(name: str) -> float:
+    return _SWATCH + 0.06 + len(name) * SMALL_PT * 0.6 / 72 + 0.2  # DejaVu Sans is ~0.6 em per character
+
+
+def _legend_rows(items: Sequence[tuple[str, tuple[float, float, float]]], width: float) -> list[list[tuple[str, Any]]]:
+    """Swatches flowed into rows that fit ``width`` inches."""
+    rows: list[list[tuple[str, Any]]] = []
+    used = width
+    for name, rgb in items:
+        if used + _legend_item_w(name) > width and (rows == [] or rows[-1]):
+            rows.append([])
+            used = 0.0
+        rows[-1].append((name, rgb))
+        used += _legend_item_w(name)
+    return rows
+
+
+def _draw_legend(cv: Canvas, rows: list[list[tuple[str, Any]]], top: float, note: str) -> None:
+    for r, row in enumerate(rows):
+        x = (cv.w - sum(_legend_item_w(name) for name, _ in row) + 0.2) / 2
+        y = top + r * LEGEND_ROW_H
+        for name, rgb in row:
+            swatch = cv.axes(x, y, _SWATCH, _SWATCH)
+            swatch.set_facecolor(tuple(float(v) for v in rgb))
+            swatch.set_xticks([])
+            swatch.set_yticks([])
+            cv.text(x + _SWATCH + 0.06, y - 0.01, [name], SMALL_PT, ha="left", color=GRAY_TEXT)
+            x += _legend_item_w(name)
+    if note:
+        cv.text(cv.w / 2, top + len(rows) * LEGEND_ROW_H + 0.02, [note], SMALL_PT, color=GRAY_TEXT)
 
 def grid_columns(count: int) -> int:
     return 8 if count >= 32 else max(1, math.ceil(math.sqrt(count)))
@@ -223,7 +265,7 @@ def activation_grid_figure(
     row_h = [max(sizes[i][1] for i in range(r * cols, min(len(prepared), (r + 1) * cols))) for r in range(nrows)]
     col_gap, row_gap = 0.45, 0.3
     width = 2 * MARGIN + 0.3 + cols * block_width + (cols - 1) * col_gap
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     note = "each map scaled to its own range" if scale == "channel" else "one colour scale per layer"
     note_lines = [f"{note} · colour map {cm.name} (dark = low, bright = high)"]
     title_h = text_h(len(title_lines), TITLE_PT) + text_h(1, SMALL_PT + 1) + 0.15 if title_lines else text_h(1, SMALL_PT + 1) + 0.1

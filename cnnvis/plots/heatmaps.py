@@ -41,7 +41,7 @@ from cnnvis.plots.color import (
     resolve_cmap,
     to_rgb,
 )
-from cnnvis.vis.maps import NormalizeMode, normalize_maps
+from cnnvis.vis.maps import NormalizeMode, flat_maps, normalize_maps
 
 
 def colorbar(cv: Canvas, cmap: Colormap, signed: bool, label: str, top: float) -> None:
@@ -136,9 +136,10 @@ def heatmap_figure(
     caption_lines = [wrap(captions[i], group_w, CAPTION_PT) if captions else [] for i in range(n)]
     cap_h = max((text_h(len(c), CAPTION_PT) for c in caption_lines), default=0.0)
     header_h = text_h(1, HEADER_PT) + 0.03
-    under_h = text_h(1, SMALL_PT) + 0.04 if normalize != "none" else 0.02
+    flat = flat_maps(raw).tolist() if normalize != "none" else [False] * n
+    under_h = text_h(2 if any(flat) else 1, SMALL_PT) + 0.04 if normalize != "none" else 0.02
     group_h = cap_h + (0.05 if cap_h else 0) + header_h + ph + under_h
-    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT)
+    title_lines = wrap(title, width - 2 * MARGIN, TITLE_PT, bold=True)
     title_h = text_h(len(title_lines), TITLE_PT) + 0.12 if title_lines else 0.0
     row_gap = 0.22
     height = 2 * MARGIN + title_h + rows * group_h + (rows - 1) * row_gap + COLORBAR_H + 0.12
@@ -161,10 +162,13 @@ def heatmap_figure(
             ax.set_title(headers[k], fontsize=HEADER_PT, color=GRAY_TEXT, pad=2)
         if normalize != "none":
             lo, hi = float(flat_raw[i].min()), float(flat_raw[i].max())
-            note = f"constant {fmt(lo)}" if hi - lo <= 1e-6 * max(abs(lo), abs(hi)) else f"raw {fmt(lo)} … {fmt(hi)}"
-            cv.text(left + pw + gap + pw / 2, ptop + ph + 0.03, [note], SMALL_PT, color=GRAY_TEXT)
+            note = [f"constant {fmt(lo)}" if hi - lo <= 1e-6 * max(abs(lo), abs(hi)) else f"raw {fmt(lo)} … {fmt(hi)}"]
+            if flat[i]:
+                note.insert(0, "flat map: no spatial information")
+            cv.text(left + pw + gap + pw / 2, ptop + ph + 0.03, note, SMALL_PT, color="#9a6700" if flat[i] else GRAY_TEXT)
     cb_top = MARGIN + title_h + rows * group_h + (rows - 1) * row_gap + 0.12
-    colorbar(cv, cm, signed, f"{map_label} ({_scale_note(normalize, scale)})", cb_top)
+    flat_note = "; flat maps from 0, not stretched" if normalize == "minmax" and any(flat) else ""
+    colorbar(cv, cm, signed, f"{map_label} ({_scale_note(normalize, scale)}{flat_note})", cb_top)
     return finish(figure_to_png(cv.fig), path, sidecar)
 
 

@@ -8,7 +8,8 @@ What a run logs (``step`` is the trainer's global step everywhere; each part has
                                                                    Scalars, train vs val on one
                                                                    chart in Custom Scalars)
                 loss/train_step                                    every ``train.log_every`` steps
-                lr  perf/images_per_second  perf/epoch_seconds    each epoch
+                lr                                                 every step (written each epoch)
+                perf/images_per_second  perf/epoch_seconds        each epoch
                 accuracy/test loss/test accuracy/val_best          at the end
                 health/nonfinite_weights health/nonfinite_gradients with the histograms
     histograms  weights/<param>  gradients/<param>                 every ``histograms_every`` epochs
@@ -77,6 +78,7 @@ class TensorBoardListener(Listener):
         self.writer: SummaryWriter | None = None
         self._losses: list[Tensor] = []  # detached device tensors, read once per epoch
         self._loss_steps: list[int] = []
+        self._lrs: list[tuple[int, float]] = []  # (global step, rate)
         self._explain_batch: tuple[Tensor, Tensor] | None = None
         self._explain_layer: str | None = config.log.explain_layer
         self._frozen_logged = False
@@ -110,6 +112,7 @@ class TensorBoardListener(Listener):
             self._safely("inputs/train", self._write_inputs, state, images)
 
     def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
+        self._lrs.append((state.global_step, state.lr))  # every step: a one-cycle rate changes every step
         if self.log.step_loss and (step_in_epoch + 1) % state.config.train.log_every == 0:
             self._losses.append(loss)  # no .item(): that would wait for the device every time
             self._loss_steps.append(state.global_step)
@@ -124,12 +127,14 @@ class TensorBoardListener(Listener):
             for s, v in zip(self._loss_steps, values):
                 w.add_scalar("loss/train_step", v, s)
             self._losses, self._loss_steps = [], []
+        for s, lr in self._lrs:
+            w.add_scalar("lr", lr, s)
+        self._lrs = []
         for tag, key in (
             ("loss/train", "train_loss"),
             ("loss/val", "val_loss"),
             ("accuracy/train", "train_accuracy"),
             ("accuracy/val", "val_accuracy"),
-            ("lr", "lr"),
             ("perf/images_per_second", "images_per_second"),
             ("perf/epoch_seconds", "seconds"),
         ):

@@ -71,6 +71,7 @@ class TrainState:
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
+    lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
     world_size: int = 1  #: training processes; ``config.data.batch_size`` is split over them
 
     @property
@@ -277,8 +278,11 @@ class Trainer:
         check_every = config.train.log_every
         trainable = [p for p in model.parameters() if p.requires_grad]
         layout = memory_format(model)
+        lr_first, lr_max, lr_sum = optimizer.param_groups[0]["lr"], 0.0, 0.0
         start = time.perf_counter()
         for step, (images, labels) in enumerate(self.data.train):
+            s.lr = optimizer.param_groups[0]["lr"]  # a Python float the scheduler keeps: no device sync
+            lr_max, lr_sum = max(lr_max, s.lr), lr_sum + s.lr
             images = images.to(device, non_blocking=True, memory_format=layout)
             labels = labels.to(device, non_blocking=True)
             targets = labels
@@ -323,6 +327,9 @@ class Trainer:
             "train_accuracy": correct_all / max(seen_all, 1),
             "seconds": seconds,
             "images_per_second": seen_all / seconds if seconds > 0 else 0.0,
+            "lr": lr_first,
+            "lr_max": lr_max,
+            "lr_mean": lr_sum / max(s.steps_per_epoch, 1),
         }
 
     def _check_finite(self, losses: Tensor) -> None:
@@ -350,7 +357,6 @@ class Trainer:
         try:
             while s.epoch < config.train.epochs:
                 self._emit("on_epoch_start")
-                lr = s.optimizer.param_groups[0]["lr"]
                 batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
@@ -368,7 +374,7 @@ class Trainer:
                     if self.scheduler_unit == "epoch":
                         self.scheduler.step()
                     s.epoch += 1
-                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": lr}
+                    record = {"epoch": s.epoch, "step": s.global_step, **metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
                     improved = val["accuracy"] > s.best_val_accuracy
                     if improved:
                         s.best_val_accuracy, s.epochs_without_improvement = val["accuracy"], 0

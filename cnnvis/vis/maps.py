@@ -17,6 +17,19 @@ from cnnvis.errors import VisError
 Reduce = Optional[Literal["absmax", "max", "sum", "abssum", "mean", "l2"]]
 NormalizeMode = Literal["minmax", "maxabs", "signed", "positive"]
 
+#: a map whose values span at most this fraction of its largest magnitude is "flat": stretching it
+#: to full contrast would draw a strong pattern out of a few percent of variation (a Grad-CAM of
+#: 0.183 ... 0.19, say)
+FLAT_SPREAD = 0.05
+
+
+def flat_maps(maps: Tensor, spread: float = FLAT_SPREAD) -> Tensor:
+    """``[N]`` bool: which of the ``[N, H, W]`` maps vary by at most ``spread`` x their largest
+    magnitude (all-zero maps included): maps with no spatial information to show."""
+    flat = torch.nan_to_num(maps.detach().reshape(maps.shape[0], -1).to(torch.float64))
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    return (hi - lo) <= spread * flat.abs().amax(dim=1)
+
 
 def reduce_channels(attributions: Tensor, reduce: Reduce) -> Tensor:
     """``[N, C, H, W]`` attributions to an ``[N, H, W]`` map; ``reduce=None`` returns them unchanged.
@@ -53,6 +66,7 @@ def normalize_maps(
     *,
     scale: Literal["image", "batch"] = "image",
     clip_percentile: float | None = None,
+    flat_spread: float | None = FLAT_SPREAD,
 ) -> Tensor:
     """Raw maps ``[N, H, W]`` (or ``[N, 1, H, W]``, ``[H, W]``) of any range -> float ``[N, H, W]`` in [0, 1].
 
@@ -66,6 +80,11 @@ def normalize_maps(
     A map that carries no information in that mode (constant for ``minmax`` and ``signed``, all
     zero for ``maxabs``, nothing positive for ``positive``) becomes zeros (0.5 when signed) with a
     ``RuntimeWarning``; non-finite values count as 0, also with a warning. Never NaN.
+
+    ``minmax`` would stretch a flat map (see :func:`flat_maps`; ``flat_spread`` sets the
+    threshold, ``None`` turns this off) to full contrast; such a map (unless exactly constant) is
+    scaled over its range extended to include 0 instead, so it looks as flat as it is. The other
+    modes already measure from 0.
     """
     if maps.ndim == 4 and maps.shape[1] == 1:
         maps = maps[:, 0]
@@ -85,6 +104,9 @@ def normalize_maps(
     absmax = flat.abs().amax(dim=1, keepdim=True)
     constant = (hi - lo) <= 1e-6 * absmax  # relative: tiny but real gradient maps are kept
     if mode == "minmax":
+        if flat_spread is not None:  # a flat map keeps 0 in its range: drawn flat, not stretched
+            level = (hi - lo) <= flat_spread * absmax
+            lo, hi = torch.where(level, lo.clamp(max=0), lo), torch.where(level, hi.clamp(min=0), hi)
         shifted, span, empty, fill, what = flat - lo, hi - lo, constant, 0.0, "constant (no spatial information)"
     elif mode == "maxabs":
         shifted, span, empty, fill, what = flat.abs(), absmax, absmax == 0, 0.0, "all zero"

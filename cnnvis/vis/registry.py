@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from cnnvis.errors import UnknownMethodError, VisError
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
+from cnnvis.catalog import METHOD_NAMES
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -132,6 +133,8 @@ _SPECS = [
 
 #: name -> spec, in display order
 METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})
+if tuple(METHODS) != METHOD_NAMES:  # the CLI lists methods from the catalog without importing this module
+    raise ImportError(f"catalog.py lists {METHOD_NAMES}, the registry has {tuple(METHODS)}")
 
 
 def method_names() -> list[str]:

@@ -97,8 +97,12 @@ def test_report_is_one_self_contained_page(full_run):
         assert text in html, text
     faith = json.loads((full_run / "evaluation" / "faithfulness.json").read_text())
     assert html.count('class="badge pass"') == sum(m["randomization_check"] == "pass" for m in faith["methods"])
-    # the gallery follows the registry's order, each method under its own heading
-    assert html.index('id="method-filters"') < html.index('id="method-gradcam"')
+    # what a user asks first comes first: curves, heatmaps, the trust table, the evaluation; then,
+    # folded, what was learned (filters ...)
+    order = [html.index(marker) for marker in ('id="training"', 'id="method-gradcam"', 'id="faithfulness"',
+                                               'id="evaluation"', "<details>", 'id="method-filters"')]
+    assert order == sorted(order)
+    assert html.count('class="zoom"') == 3  # every gallery picture is a thumbnail that opens full size
 
 
 def test_report_of_a_fresh_run_says_which_commands_fill_it(tmp_path):

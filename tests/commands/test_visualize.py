@@ -89,13 +89,18 @@ def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
                 assert image.format == "PNG" and min(image.size) >= 150, (png, image.size)
             meta = sidecar(png)
             assert meta["method"] == method and meta["checkpoint"].endswith("best.pt") and meta["seed"] == 0
-            assert "parameters" in meta and meta["images"][0].startswith("test #")
+            assert "parameters" in meta
+            if method == "maximize":  # drawn from noise: no explained images to list
+                assert "images" not in meta and "targets" not in meta
+            else:
+                assert meta["images"][0].startswith("test #")
     gradcam = sidecar(folder / "gradcam" / "features.13.png")
     assert gradcam["layer"] == "features.13" and gradcam["target"] == "pred"
     assert gradcam["targets"] == gradcam["predicted"] and len(gradcam["images"]) == len(gradcam["true"])
     assert set(gradcam["true"]) <= set(CLASSES)
     assert sidecar(folder / "occlusion" / "occlusion.png")["parameters"]["window"] == [3, 3]
-    assert sidecar(folder / "maximize" / "classes.png")["classes"] == CLASSES
+    drawn = sidecar(folder / "maximize" / "classes.png")
+    assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
     assert f"pictures in {folder}" in out
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
@@ -234,3 +239,35 @@ def test_every_heatmap_is_drawn_with_the_normalisation_its_sidecar_names(run, mo
     for mode, written in zip(used, heatmap_files):
         recorded = sidecar(written.path)["normalization"]
         assert recorded == mode == METHODS[written.method].normalize, written.method
+
+
+def test_heatmap_sidecars_say_which_maps_are_flat(run):
+    invoke(run, "-m", "gradcam", "-n", "3", "--no-tensorboard")
+    (sidecar,) = (run / "visualizations" / "gradcam").glob("*.json")
+    written = json.loads(sidecar.read_text())
+    assert len(written["flat_maps"]) == 3 and all(isinstance(f, bool) for f in written["flat_maps"])
+    assert written["flat_spread"] == 0.05
+
+
+def test_occlusion_class_picture_has_a_key_of_the_classes_it_paints(run):
+    invoke(run, "-m", "occlusion", "-n", "4", "--no-tensorboard")
+    written = json.loads((run / "visualizations" / "occlusion" / "predicted-class.json").read_text())
+    grids, changed = written["predicted_per_window"], written["prediction_changed_per_window"]
+    painted = set()
+    for grid, flags, unoccluded in zip(grids, changed, written["predicted"]):
+        for row, flag_row in zip(grid, flags):
+            for name, flag in zip(row, flag_row):
+                assert flag == (name != unoccluded)  # marked exactly where covering changes the prediction
+                painted |= {name} if flag else set()
+    assert sorted(painted) == sorted(written["legend"])  # the key names every painted class, and only those
+
+
+def test_occlusion_class_figure_key_is_drawn_under_the_grid():
+    from cnnvis import plots
+
+    predicted = torch.tensor([[[0, 0], [0, 2]], [[1, 1], [1, 1]]])
+    unoccluded = torch.tensor([0, 1])
+    assert plots.changed_classes(predicted, unoccluded) == [2]
+    with_key = plots.occlusion_classes_figure(torch.rand(2, 3, 16, 16), predicted, unoccluded, ["a", "b", "c"],
+                                              ["x", "y"], "t")
+    assert with_key.height > plots.image_grid_figure(torch.rand(2, 3, 16, 16), ["x\ny", "x\ny"], "t", columns=4).height

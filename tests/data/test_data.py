@@ -380,14 +380,16 @@ def test_cnnvis_data_overrides_data_root(tiny_imagefolder, tmp_path, monkeypatch
 
 def test_data_root_precedence_override_then_environment_then_file_then_default(tmp_path, monkeypatch):
     monkeypatch.delenv("CNNVIS_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    where = lambda name: str(tmp_path / name)  # noqa: E731 - every root comes out absolute
     from_file = {"data": {"root": "from-file"}}
-    assert (build_config({}).data.root, build_config({}).data.root_source) == ("data", "default")
-    assert (build_config(from_file).data.root, build_config(from_file).data.root_source) == ("from-file", "config")
+    assert (build_config({}).data.root, build_config({}).data.root_source) == (where("data"), "default")
+    assert (build_config(from_file).data.root, build_config(from_file).data.root_source) == (where("from-file"), "config")
     monkeypatch.setenv("CNNVIS_DATA", "from-env")
-    assert (build_config(from_file).data.root, build_config(from_file).data.root_source) == ("from-env", "environment")
-    assert (build_config({}).data.root, build_config({}).data.root_source) == ("from-env", "environment")
+    assert (build_config(from_file).data.root, build_config(from_file).data.root_source) == (where("from-env"), "environment")
+    assert (build_config({}).data.root, build_config({}).data.root_source) == (where("from-env"), "environment")
     overridden = build_config(from_file, ["data.root=from-set"])
-    assert (overridden.data.root, overridden.data.root_source) == ("from-set", "override")  # --set beats CNNVIS_DATA
+    assert (overridden.data.root, overridden.data.root_source) == (where("from-set"), "override")  # --set beats CNNVIS_DATA
 
 
 def test_cnnvis_data_overrides_root_for_mnist(mnist_root, tmp_path, monkeypatch, no_network):

@@ -122,8 +122,9 @@ def test_scalars_per_epoch_per_interval_and_at_the_end(rgb_run):
     epoch_steps = [h["step"] for h in history]
     per_epoch = trainer.state.steps_per_epoch
     assert epoch_steps == [per_epoch, 2 * per_epoch]
-    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "perf/images_per_second", "perf/epoch_seconds"):
+    for tag in ("loss/train", "loss/val", "accuracy/train", "accuracy/val", "perf/images_per_second", "perf/epoch_seconds"):
         assert steps(acc, tag) == epoch_steps, tag
+    assert steps(acc, "lr") == list(range(1, 2 * per_epoch + 1))  # the rate of every step
     assert [e.value for e in acc.Scalars("accuracy/val")] == pytest.approx([h["val_accuracy"] for h in history])
     assert steps(acc, "loss/train_step") == list(range(1, 2 * per_epoch + 1))  # train.log_every = 1
     final = [m for m in (trainer.run_dir / "metrics.jsonl").read_text().splitlines() if "test_accuracy" in m]
@@ -262,8 +263,9 @@ def test_resume_continues_the_stream_without_overlap(tmp_path):
 
     acc = read(run_dir)
     expected = [per_epoch, 2 * per_epoch, 3 * per_epoch]
-    for tag in ("loss/train", "loss/val", "accuracy/val", "lr"):
+    for tag in ("loss/train", "loss/val", "accuracy/val"):
         assert steps(acc, tag) == expected, tag
+    assert steps(acc, "lr") == list(range(1, 3 * per_epoch + 1))  # every step once, none twice
     step_points = steps(acc, "loss/train_step")
     assert step_points == sorted(set(step_points)) == list(range(2, 3 * per_epoch + 1, 2))
     assert steps(acc, "accuracy/test") == [3 * per_epoch]  # the first process's test result is gone
@@ -393,3 +395,23 @@ def test_wrong_explain_layer_fails_at_start(tmp_path):
         listener.on_train_start(trainer.state)
     listener.close()
     listener.close()  # closing twice is fine
+
+
+def test_a_one_cycle_rate_is_logged_at_every_step_and_the_table_shows_its_peak(tmp_path):
+    from rich.console import Console
+
+    from cnnvis.views import summary_table
+
+    config = gray_config("train.epochs=2", "scheduler.name=onecycle", "optimizer.lr=0.005")
+    trainer = train(config, tmp_path / "runs", gray_bundle())
+    rates = [e.value for e in read(trainer.run_dir).Scalars("lr")]
+    assert len(rates) == 2 * trainer.state.steps_per_epoch
+    assert rates[0] < 0.005 / 10 and max(rates) == pytest.approx(0.005, rel=1e-3)  # warms up, peaks, anneals
+    history = trainer.state.history
+    assert max(h["lr_max"] for h in history) == pytest.approx(max(rates))
+    assert history[0]["lr_mean"] == pytest.approx(sum(rates[: len(rates) // 2]) / (len(rates) // 2))
+    console = Console(width=80, record=True)
+    console.print(summary_table(history, {"test_accuracy": 0.5, "test_split": "test", "test_checkpoint": "best",
+                                          "best_val_accuracy": 0.5}))
+    text = console.export_text()
+    assert "peak lr" in text and f"{max(rates):.2e}" in text

@@ -66,3 +66,20 @@ def test_uninformative_maps_become_zeros_with_a_warning_per_mode() -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
         out = normalize_maps(torch.tensor([[float("nan"), 1.0], [2.0, float("inf")]]), mode="maxabs")
     assert torch.isfinite(out).all()
+
+
+def test_a_flat_map_is_drawn_flat_and_an_informative_one_at_full_contrast() -> None:
+    from cnnvis.vis.maps import flat_maps
+
+    torch.manual_seed(0)
+    flat = 0.731 + 0.029 * torch.rand(7, 7)  # a CAM of 0.731 ... 0.76: a solid block, not a pattern
+    blob = torch.exp(-((torch.arange(7.0) - 3) ** 2)[:, None] - ((torch.arange(7.0) - 3) ** 2)[None])
+    low = -(0.5 + 0.01 * torch.rand(7, 7))  # flat and negative: drawn near 0, not stretched
+    maps = torch.stack([flat, blob, low])
+    assert flat_maps(maps).tolist() == [True, False, True]
+    out = normalize_maps(maps)
+    assert out[0].min() > 0.95 and out[0].max() == 1  # the few percent of variation stay a few percent
+    assert out[1].min() == 0 and out[1].max() == 1
+    assert out[2].max() < 0.05
+    stretched = normalize_maps(maps, flat_spread=None)  # the old contrast stretch, on request
+    assert stretched[0].min() == 0 and stretched[0].max() == 1
