@@ -225,6 +225,12 @@ def remember_run(runs_dir: str | Path, run_dir: Path) -> None:
         atomic_write(marker, run_dir.name.encode("utf-8"))
 
 
+def forget_run(run_dir: Path) -> None:
+    """The run finished: no restart needs :func:`remember_run`'s note any more (any rank may say so)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        (run_dir.parent / LAUNCH_MARKER.format(run_id=os.environ["TORCHELASTIC_RUN_ID"])).unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------ the in-process launcher
 
 

@@ -398,6 +398,7 @@ class Trainer:
             ) from None
         except (RuntimeError, torch.distributed.DistError) as exc:
             raise distributed.peer_lost(exc, self.run_dir) or exc  # another rank died: one line, not a gloo/NCCL traceback
+        distributed.forget_run(self.run_dir)
         self._emit("on_train_end", final)
         return final
 
