@@ -178,6 +178,12 @@ def own_rng(payload: dict[str, Any], world: World) -> dict[str, Tensor]:
     return per_rank[world.rank] if len(per_rank) == world.size else payload["rng"]
 
 
+def seed_rank(seed: int, world: World, epoch: int = 0) -> None:
+    """Give each rank its own random stream (dropout, MixUp), derived from the run's seed."""
+    if world.distributed:
+        torch.manual_seed(seed * 1000 + world.rank + 1_000_000 * epoch)
+
+
 def set_epoch(source: object, epoch: int) -> None:
     """Reshuffle a ``DistributedSampler`` for ``epoch`` (its order depends on the seed and the epoch only)."""
     sampler = getattr(source, "sampler", None)

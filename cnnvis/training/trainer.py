@@ -143,8 +143,7 @@ class Trainer:
             freeze=config.model.freeze, dropout=config.model.dropout,
         ))
         self.train_model = distributed.wrap(model, self.world, self.device, config.train.sync_batchnorm)  # the steps call this
-        if self.world.distributed:  # the same initial weights (DDP copied rank 0's), then each rank its own dropout
-            torch.manual_seed(config.seed * 1000 + self.world.rank)
+        distributed.seed_rank(config.seed, self.world)  # the same initial weights (DDP copied rank 0's), then its own dropout
         self.amp = amp_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         optimizer = make_optimizer(config, model)
@@ -224,7 +223,7 @@ class Trainer:
         s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
         restore_rng(distributed.own_rng(payload, self.world), self.device, self.data.train)
         if len(payload.get("rng_per_rank") or [0]) != self.world.size:  # resumed by another number of processes
-            torch.manual_seed(self.config.seed * 1000 + self.world.rank + 1000 * s.epoch)  # dropout: each rank its own
+            distributed.seed_rank(self.config.seed, self.world, s.epoch)
         rows = read_jsonl(self.run_dir / METRICS_FILE).rows
         # Lines after the checkpoint's epoch belong to work that is about to be redone.
         history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
@@ -407,7 +406,8 @@ class Trainer:
         s = self.state
         best = checkpoint_path(self.run_dir, "best")
         model = self.evaluated_model
-        saved = distributed.decide_on_main(self.world, lambda: load_checkpoint(best) if best.is_file() else None)
+        saved = distributed.decide_on_main(  # read once, by rank 0; the weights alone travel (no optimizer state)
+            self.world, lambda: {k: v for k, v in load_checkpoint(best).items() if k in ("model", "meta")} if best.is_file() else None)
         if saved is not None:
             model = self._placed(model_from_checkpoint(saved, self.config, str(best)))
         result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
