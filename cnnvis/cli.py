@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import (
     escape,  # user text (paths, values) may hold "[...]", which rich reads as markup
 )
+from typer.core import TyperCommand, TyperGroup
 
-from cnnvis.errors import CnnvisError
 from cnnvis.catalog import METHOD_NAMES
+from cnnvis.errors import CnnvisError
+
 
 class _FlagsShowNoValue:
     """Typer labels on/off flags (``--debug``, ``--help``) ``<bool>`` as if they took a value
@@ -213,13 +214,13 @@ def visualize(
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
-    from cnnvis.views import visualize_table
+    from cnnvis.views import MethodProgress, visualize_table
 
-    with console.status("drawing ...") as status:
+    with MethodProgress(console) as bars:
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
             out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
-            on_written=lambda w: status.update(f"wrote {w.path.name} ({w.method}); drawing ..."),
+            on_progress=bars.update,
         )
     run = result.run
     title = f"{len(result.written)} picture{'s' if len(result.written) != 1 else ''} of\n{run.label}"
@@ -228,6 +229,11 @@ def visualize(
         err_console.print(f"[yellow]skipped {skipped.method}:[/] {escape(skipped.reason)}", soft_wrap=True)
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if result.tensorboard else ""
     console.print(f"pictures in [bold]{escape(str(result.out_dir))}[/]{where}", soft_wrap=True)
+    if result.interrupted is not None:
+        unfinished = ", ".join([result.interrupted, *result.not_run])
+        err_console.print(f"[yellow]interrupted[/] during {result.interrupted}: the pictures above are kept; "
+                          f"not drawn: {unfinished}", soft_wrap=True)
+        raise typer.Exit(130)
 
 
 @app.command(cls=Command)

@@ -118,6 +118,35 @@ def _processes(state: TrainState) -> list[str]:
     return [f"[bold]processes[/] {n}, global batch {batch} ({batch // n} per process)"]
 
 
+class MethodProgress:
+    """One bar per visualisation method: its name, how far it is, time spent and left."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<20}"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> MethodProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, method: str, fraction: float) -> None:
+        if method not in self.tasks:
+            self.tasks[method] = self.progress.add_task(method, total=1.0)
+        self.progress.update(self.tasks[method], completed=fraction)
+
+
 def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table:
     # Light borders and unwrapped cells: the eight columns fit an 80-column terminal whole.
     table = Table(title="training summary", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)

@@ -23,9 +23,10 @@ from torch import Tensor
 from cnnvis import plots
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
-from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.device import resolve_device
+from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
+from cnnvis.vis import progress
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
@@ -71,6 +72,8 @@ class Result:
     out_dir: Path | None = None
     run: LoadedRun | None = None  #: the run that was explained
     tensorboard: bool = False  #: whether the pictures also went to its TensorBoard events
+    interrupted: str | None = None  #: the method Ctrl-C stopped (its finished pictures are kept)
+    not_run: list[str] = field(default_factory=list)  #: methods never started because of the interrupt
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -119,8 +122,11 @@ def parse_target(text: str, class_names: Sequence[str]) -> str | int:
 class Visualizer:
     """Runs methods on one batch of images and writes their pictures.
 
-    ``on_written`` is called after each file (the CLI uses it for progress); ``writer`` is an
+    ``on_written`` is called after each file; ``on_progress(method, fraction)`` as a method
+    starts (0), advances and ends (1); the CLI draws its bars from them. ``writer`` is an
     optional ``SummaryWriter`` that receives every picture as an image under ``visualize/...``.
+    Ctrl-C during a method keeps the pictures already written and returns the result with
+    ``interrupted`` and ``not_run`` set.
     """
 
     def __init__(
@@ -131,9 +137,12 @@ class Visualizer:
         target: str | int = "pred",
         writer: Any = None,
         on_written: Callable[[Written], None] | None = None,
+        on_progress: Callable[[str, float], None] | None = None,
     ) -> None:
         self.run, self.batch, self.out_dir, self.writer = run, batch, Path(out_dir), writer
         self.on_written = on_written or (lambda written: None)
+        self.on_progress = on_progress or (lambda method, fraction: None)
+        self._part = (0, 1)  # (index, count) of the layer a multi-layer method is drawing
         self.result = Result(out_dir=self.out_dir)
         self.images = batch.images.to(run.device)
         self.target_spec = target
@@ -168,15 +177,26 @@ class Visualizer:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
                 "images": self._maximize}
-        for name in names:
+        for index, name in enumerate(names):
             spec = METHODS[name]
+            self._part = (0, 1)
             try:
-                draw[spec.kind](spec, layers)
+                self.on_progress(name, 0.0)
+                with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
+                    draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
                 if explicit:
                     raise
                 self.result.skipped.append(Skipped(name, str(exc)))
+            except KeyboardInterrupt:  # keep what is drawn; say what is not
+                self.result.interrupted, self.result.not_run = name, names[index + 1:]
+                break
+            self.on_progress(name, 1.0)
         return self.result
+
+    def _report(self, method: str, done: int, total: int) -> None:
+        index, count = self._part
+        self.on_progress(method, (index + done / max(total, 1)) / count)
 
     # ------------------------------------------------------------------ captions and output
 
@@ -244,7 +264,8 @@ class Visualizer:
         params = {"seed": SEED} if "seed" in spec.defaults else {}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
-        for layer in chosen:
+        for part, layer in enumerate(chosen):
+            self._part = (part, len(chosen))
             started = time.perf_counter()
             result = run_method(spec.name, self.run.model, self.images, self.targets, layer, detailed=True, **params)
             details = result if isinstance(result, OcclusionMaps) else None
@@ -345,12 +366,14 @@ def visualize_command(
     tensorboard: bool = False,
     allow_untrained: bool = False,
     on_written: Callable[[Written], None] | None = None,
+    on_progress: Callable[[str, float], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
     every method in ``methods`` (default: all), writing PNGs + sidecars to ``out_dir`` (default
     ``RUN/visualizations``) and, with ``tensorboard``, to the run's TensorBoard events.
 
     ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`).
     """
     from cnnvis.training.tensorboard import LazyWriter
 
@@ -359,7 +382,8 @@ def visualize_command(
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
-        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written)
+        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written,
+                                on_progress)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:
         if writer is not None:

@@ -37,7 +37,11 @@ from cnnvis.plots.color import (
 from cnnvis.plots.filters import filter_grid_figure, filter_tiles
 from cnnvis.plots.grids import activation_grid_figure, image_grid_figure
 from cnnvis.plots.heatmaps import heatmap_figure
-from cnnvis.plots.occlusion import changed_classes, class_palette, occlusion_classes_figure
+from cnnvis.plots.occlusion import (
+    changed_classes,
+    class_palette,
+    occlusion_classes_figure,
+)
 
 __all__ = [
     "DEFAULT_CMAP", "DIVERGING_CMAP", "PNG", "activation_grid_figure", "changed_classes", "class_palette", "colorize",

@@ -145,7 +145,8 @@ class Canvas:
             )
 
 def figure_to_png(fig: Figure, dpi: float | None = None, close: bool = True) -> PNG:
-    """Render a figure to PNG bytes; with ``close`` (default) the figure is cleared afterwards."""
+    """Render a figure to PNG bytes; with ``close`` (default) the figure is released afterwards
+    (from pyplot's registry too, if it was made there)."""
     buf = io.BytesIO()
     try:
         if not isinstance(fig.canvas, FigureCanvasAgg):
@@ -157,7 +158,8 @@ def figure_to_png(fig: Figure, dpi: float | None = None, close: bool = True) -> 
     return PNG(buf.getvalue())
 
 def _close(fig: Figure) -> None:
-    fig.clear()
+    # Not fig.clear(): it rebuilds every axis's ticks first (0.8 s for a 32-image grid). A figure
+    # made here is referenced by nothing else and is freed with its images once dropped.
     try:  # a figure made with pyplot also lives in pyplot's registry
         import matplotlib._pylab_helpers as helpers
 

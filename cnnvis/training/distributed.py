@@ -126,6 +126,16 @@ def gather_to_main(value: T) -> list[T] | None:
     return gathered
 
 
+def gather_predictions(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Every rank's ``(logits, targets)`` of an evaluation split, joined on rank 0 (``None``
+    elsewhere): the whole split, each image once (in shard order, not the split's)."""
+    parts = gather_to_main((logits, targets))
+    if parts is None:
+        return None
+    parts = [(x, y) for x, y in parts if y.numel()] or parts[:1]
+    return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm statistics) on every rank. Without SyncBatchNorm each rank's
     statistics follow its own batches; evaluating with rank 0's makes every rank evaluate the

@@ -49,13 +49,25 @@ def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp:
     """``(logits [N, classes], targets [N])`` of a whole split: one pass, gathered on the device,
     moved to the CPU once."""
     logits, targets = [], []
+    layout = memory_format(model)
     with eval_mode(model), torch.inference_mode(), autocast(device, amp):
         for images, labels in batches:
-            logits.append(predict(model, images.to(device, non_blocking=True), tta_flip).float())
+            logits.append(predict(model, images.to(device, non_blocking=True, memory_format=layout), tta_flip).float())
             targets.append(labels.to(device, non_blocking=True))
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(targets).long().cpu()
+
+
+def split_scores(logits: Tensor, targets: Tensor, device: torch.device) -> dict[str, float]:
+    """Cross-entropy and accuracy of a split's logits (from :func:`predict_split`); under torchrun,
+    of every rank's share together."""
+    zero = torch.zeros((), dtype=torch.float64)
+    loss = nn.functional.cross_entropy(logits.double(), targets, reduction="sum") if targets.numel() else zero
+    right = (logits.argmax(1) == targets).sum().double() if targets.numel() else zero
+    totals = torch.stack([loss, right, torch.tensor(float(targets.numel()), dtype=torch.float64)]).to(device)
+    loss, right, count = reduce_sum(totals).tolist()
+    return {"loss": loss / max(count, 1), "accuracy": right / max(count, 1)}
 
 
 def find_misclassified(

@@ -284,9 +284,12 @@ class TensorBoardListener(Listener):
         self.writer.add_image("explain/gradcam", grid, state.global_step, dataformats="CHW")
 
     def _write_test_curves(self, state: TrainState, step: int) -> None:
-        model = _best_model(state)
-        train = state.config.train
-        logits, targets = predict_split(model, state.data.test, state.device, amp_dtype(train.amp, state.device), train.tta_flip)
+        if state.test_predictions is not None:  # the trainer's test pass, with the same best.pt weights
+            logits, targets = state.test_predictions
+        else:
+            train = state.config.train
+            logits, targets = predict_split(_best_model(state), state.data.test, state.device,
+                                            amp_dtype(train.amp, state.device), train.tta_flip)
         if targets.numel() == 0:
             return
         names = state.data.spec.class_names

@@ -43,7 +43,7 @@ from cnnvis.run import (
     resume_point,
 )
 from cnnvis.training import distributed
-from cnnvis.training.loop import evaluate
+from cnnvis.training.loop import evaluate, predict_split, split_scores
 from cnnvis.training.optim import check_schedule_fits, make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
     averaged_state,
@@ -73,6 +73,9 @@ class TrainState:
     average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
     lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
     world_size: int = 1  #: training processes; ``config.data.batch_size`` is split over them
+    #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
+    #: draw PR curves and the confusion matrix from it instead of predicting the split again
+    test_predictions: tuple[Tensor, Tensor] | None = None
 
     @property
     def evaluated_model(self) -> nn.Module:
@@ -410,7 +413,9 @@ class Trainer:
             self.world, lambda: {k: v for k, v in load_checkpoint(best).items() if k in ("model", "meta")} if best.is_file() else None)
         if saved is not None:
             model = self._placed(model_from_checkpoint(saved, self.config, str(best)))
-        result = evaluate(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        logits, targets = predict_split(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
+        result = split_scores(logits, targets, self.device)  # over every rank's share
+        s.test_predictions = distributed.gather_predictions(logits, targets)  # the whole split, for rank 0's listeners
         final = {
             "epoch": s.epoch,
             "step": s.global_step,

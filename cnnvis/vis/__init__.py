@@ -13,6 +13,7 @@ Where things are:
 * ``maps.py``       -- ``normalize_maps`` (the one normalisation for display), ``reduce_channels``,
   ``upsample``, ``gaussian_blur``
 * ``batching.py``   -- the one rule for how many samples go through the model per pass
+* ``progress.py``   -- how far a long method has come (``advance``), for progress bars
 * ``activations.py`` feature maps        * ``filters.py``  conv weights
 * ``occlusion.py``  occlusion sensitivity (probability or logit drop, predicted class per position)
 * ``cam_base.py``   shared CAM computation; ``cam.py`` CAM, ``gradcam.py`` Grad-CAM,

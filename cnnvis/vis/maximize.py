@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnvis.errors import VisError
+from cnnvis.vis import progress
 from cnnvis.vis.hooks import capture
 from cnnvis.vis.maps import gaussian_blur
 
@@ -83,4 +84,5 @@ def maximize(
                     x = gaussian_blur(x, blur_sigma, truncate=2.0)
                 if clamp is not None:
                     x = x.clamp(*clamp)
+            progress.advance(step + 1, steps)
     return x.detach()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnvis.errors import VisError
+from cnnvis.vis import progress
 from cnnvis.vis.batching import batch_size as batching_rule
 from cnnvis.vis.hooks import Targets, check_images, model_state, resolve_targets
 
@@ -142,6 +143,7 @@ def occlusion_maps(
             out = net(torch.where(mask[:, None], fill[img], x[img]))
             scores[start : start + len(q)] = _score(out, t[img], score)
             predicted[start : start + len(q)] = out.argmax(dim=1)
+            progress.advance(start + len(q), total)
         del net
 
     grid_score = scores.view(nh, nw, n).permute(2, 0, 1)

@@ -16,10 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from cnnvis.catalog import METHOD_NAMES
 from cnnvis.errors import UnknownMethodError, VisError
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
-from cnnvis.catalog import METHOD_NAMES
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp

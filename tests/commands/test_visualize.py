@@ -271,3 +271,32 @@ def test_occlusion_class_figure_key_is_drawn_under_the_grid():
     with_key = plots.occlusion_classes_figure(torch.rand(2, 3, 16, 16), predicted, unoccluded, ["a", "b", "c"],
                                               ["x", "y"], "t")
     assert with_key.height > plots.image_grid_figure(torch.rand(2, 3, 16, 16), ["x\ny", "x\ny"], "t", columns=4).height
+
+
+def test_progress_per_method_reaches_one_and_grows(run):
+    from cnnvis.commands.visualize import visualize_command
+
+    seen: dict[str, list[float]] = {}
+    visualize_command(run, methods=["occlusion", "saliency"], images=2, on_progress=lambda m, f: seen.setdefault(m, []).append(f))
+    assert list(seen) == ["occlusion", "saliency"]
+    for fractions in seen.values():
+        assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
+    assert len(seen["occlusion"]) > 2  # occlusion reports its batches of windows on the way
+
+
+def test_ctrl_c_keeps_the_finished_methods_and_names_the_rest(run, monkeypatch):
+    import cnnvis.commands.visualize as visualize_module
+
+    real = visualize_module.run_method
+
+    def interrupted_at_gradcam(name, *args, **kwargs):
+        if name == "gradcam":
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(visualize_module, "run_method", interrupted_at_gradcam)
+    result = visualize_module.visualize_command(run, methods=["saliency", "gradcam", "filters"], images=2)
+    assert [w.method for w in result.written] == ["saliency"] and result.written[0].path.is_file()
+    assert result.interrupted == "gradcam" and result.not_run == ["filters"]
+    out = invoke(run, "-m", "saliency", "-m", "gradcam", "-m", "filters", "-n", "2", "--no-tensorboard", code=130)
+    assert "interrupted during gradcam" in out and "not drawn: gradcam, filters" in out and "saliency.png" in out

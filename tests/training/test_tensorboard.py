@@ -415,3 +415,25 @@ def test_a_one_cycle_rate_is_logged_at_every_step_and_the_table_shows_its_peak(t
                                           "best_val_accuracy": 0.5}))
     text = console.export_text()
     assert "peak lr" in text and f"{max(rates):.2e}" in text
+
+
+def test_the_test_split_is_predicted_once_for_accuracy_pr_curves_and_confusion_matrix(tmp_path, monkeypatch):
+    import cnnvis.training.loop as loop
+    import cnnvis.training.tensorboard as tensorboard_module
+    import cnnvis.training.trainer as trainer_module
+
+    calls = []
+    real = loop.predict_split
+
+    def counted(model, batches, *args, **kwargs):
+        calls.append(batches)
+        return real(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "predict_split", counted)
+    monkeypatch.setattr(tensorboard_module, "predict_split", counted)
+    trainer = train(gray_config("train.epochs=1"), tmp_path / "runs", gray_bundle())
+    assert len([b for b in calls if b is trainer.data.test]) == 1
+    logits, targets = trainer.state.test_predictions
+    acc = read(trainer.run_dir)
+    assert [e.value for e in acc.Scalars("accuracy/test")] == pytest.approx([(logits.argmax(1) == targets).float().mean().item()])
+    assert any(tag.startswith("pr_curve/") for tag in acc.Tags()["tensors"])
