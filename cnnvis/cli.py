@@ -54,6 +54,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
+SetOption = Annotated[list[str], typer.Option(
+    "--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")]
 AllowUntrained = Annotated[bool, typer.Option(
     "--allow-untrained", help="Explain a run that finished no epoch yet (random weights; every output says so).")]
 
@@ -108,7 +110,7 @@ def _quiet_rank() -> bool:
 @friendly_errors
 def train(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/mnist.yaml (optional with --resume).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     name: Annotated[Optional[str], typer.Option(help="Run name prefix (default: the config's name).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Folder that holds the run directories.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(metavar="RUN_DIR_OR_CHECKPOINT", help="Continue a run: its directory or a checkpoint file.")] = None,
@@ -308,7 +310,7 @@ def report(
 @friendly_errors
 def summary(
     source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
     debug: Debug = False,
 ) -> None:
@@ -324,7 +326,7 @@ def summary(
 @friendly_errors
 def data_check(
     config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     debug: Debug = False,
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""
