@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from torch import Tensor
 
-from cnnvis.training.trainer import Listener, TrainState
+from cnnvis.training.events import Listener, TrainState
 
 if TYPE_CHECKING:
     from cnnvis.commands.evaluate import Evaluation

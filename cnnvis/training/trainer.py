@@ -1,5 +1,5 @@
-"""The training loop: plain functions for an epoch and an evaluation, a trainer that fires
-events (progress bars and TensorBoard are listeners), checkpoints, resume and early stopping.
+"""The trainer: the epoch loop, checkpoints, resume, early stopping and the test pass. It fires
+events (``events.py``) that the progress bars and TensorBoard listen to.
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from cnnvis.run import (
     resume_point,
 )
 from cnnvis.training import distributed
+from cnnvis.training.events import Listener, TrainState
 from cnnvis.training.loop import evaluate, predict_split, split_scores
 from cnnvis.training.optim import check_schedule_fits, make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
@@ -52,55 +52,6 @@ from cnnvis.training.regularize import (
     restore_average,
     weight_average,
 )
-
-
-@dataclass
-class TrainState:
-    """What listeners see; the trainer owns it."""
-
-    config: Config
-    run_dir: Path
-    device: torch.device
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    data: DataBundle
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    steps_per_epoch: int = 0
-    best_val_accuracy: float = -1.0
-    epochs_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
-    lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
-    world_size: int = 1  #: training processes; ``config.data.batch_size`` is split over them
-    #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
-    #: draw PR curves and the confusion matrix from it instead of predicting the split again
-    test_predictions: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def evaluated_model(self) -> nn.Module:
-        """What is validated, tested, saved and explained: the weight average if any, else the model."""
-        return self.average if self.average is not None else self.model
-
-
-class Listener:
-    """Override what you need; every hook is a no-op by default."""
-
-    def on_train_start(self, state: TrainState) -> None: ...
-
-    def on_epoch_start(self, state: TrainState) -> None: ...
-
-    def on_first_batch(self, state: TrainState, images: Tensor, labels: Tensor) -> None:
-        """The epoch's first training batch as the model sees it (augmented, normalised, on the device)."""
-
-    def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
-        """``loss`` is a detached device tensor: reading it is a host sync, so do it rarely."""
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
-
-    def on_train_end(self, state: TrainState, final: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Trainer:
