@@ -78,9 +78,9 @@ def guided_relus() -> Iterator[GuidedReLUMode]:
 
 def guided_backprop_gradients(model: nn.Module, images: Tensor, targets: Targets = "pred") -> Tensor:
     """Signed guided-backprop gradients ``[N, C, H, W]``; raises if the model calls no ReLU."""
-    gradient_copy(model, images)  # made (or checked) before the guided mode is on: traced with plain ReLUs
+    fast, laid_out = gradient_copy(model, images)  # made before the guided mode is on: traced with plain ReLUs
     with guided_relus() as mode:
-        grads = input_gradients(model, images, targets)
+        grads = input_gradients(fast, laid_out, targets)
     if mode.count == 0:
         raise UnsupportedModelError(
             f"guided backprop found no ReLU call in {type(model).__name__}; it would be a plain gradient. "
