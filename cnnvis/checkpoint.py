@@ -99,16 +99,49 @@ def interrupts_deferred() -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread, where SIGINT lands anyway
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    # A training process under torchrun treats SIGTERM (how torchrun stops it) as Ctrl-C: held back too.
+    held = [signal.SIGINT] + [signal.SIGTERM] * (signal.getsignal(signal.SIGTERM) is signal.default_int_handler)
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if received:
-            if callable(previous):
-                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt here
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)  # Python's default handler raises KeyboardInterrupt here
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), received[0])
+
+
+def rng_state(device: torch.device, train_source: object) -> dict[str, torch.Tensor]:
+    """This process's random state as a checkpoint stores it: torch's (CUDA's on a GPU) and the
+    training batches' generators (shuffle order, and augmentation where it has its own)."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if hasattr(train_source, "state_dict"):
+        state = train_source.state_dict()
+        rng["loader"] = state["generator"]
+        if "augment_generator" in state:
+            rng["augment"] = state["augment_generator"]
+    elif getattr(train_source, "generator", None) is not None:
+        rng["loader"] = train_source.generator.get_state()
+    return rng
+
+
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device, train_source: object) -> None:
+    """Undo :func:`rng_state`: the resumed run draws what the uninterrupted one would have."""
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    if "loader" in rng:
+        if hasattr(train_source, "load_state_dict"):
+            extra = {"augment_generator": rng["augment"]} if "augment" in rng else {}
+            train_source.load_state_dict({"generator": rng["loader"], **extra})
+        elif getattr(train_source, "generator", None) is not None:
+            train_source.generator.set_state(rng["loader"])
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -54,6 +54,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full Python traceback on errors.")]
+SetOption = Annotated[list[str], typer.Option(
+    "--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")]
 AllowUntrained = Annotated[bool, typer.Option(
     "--allow-untrained", help="Explain a run that finished no epoch yet (random weights; every output says so).")]
 
@@ -84,26 +86,39 @@ def friendly_errors(command: Callable) -> Callable:
         except CnnvisError as exc:
             if debug:
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, soft_wrap=True)
+            if not _quiet_rank():
+                err_console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug:
                 raise
-            err_console.print("[yellow]interrupted[/]")
+            if not _quiet_rank():
+                err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _quiet_rank() -> bool:
+    """A torchrun process other than rank 0: rank 0 speaks for the run (every rank meets the same errors)."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0"
 
 
 @app.command(cls=Command)
 @friendly_errors
 def train(
     config: Annotated[Optional[Path], typer.Argument(metavar="CONFIG", help="YAML config, e.g. configs/mnist.yaml (optional with --resume).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     name: Annotated[Optional[str], typer.Option(help="Run name prefix (default: the config's name).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Folder that holds the run directories.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(metavar="RUN_DIR_OR_CHECKPOINT", help="Continue a run: its directory or a checkpoint file.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    nproc_per_node: Annotated[Optional[int], typer.Option(
+        "--nproc-per-node", metavar="N",
+        help="Train on N processes of this machine (one per GPU; gloo on the CPU), launched by torchrun's launcher. "
+             "data.batch_size stays the global batch.")] = None,
     debug: Debug = False,
 ) -> None:
     """Train a model; writes runs/<name>-<time>/ with config, metrics, checkpoints and TensorBoard events."""
@@ -114,13 +129,31 @@ def train(
     if config is not None and resume is not None:
         err_console.print("[yellow]note:[/] --resume uses the run's stored config; the config file is ignored (use --set to change fields)")
     cfg = load_config(config, set_) if resume is None else None
+    if nproc_per_node is not None:  # the config was checked above, before any process starts
+        from cnnvis.training.distributed import launch
+
+        options = [("--name", name), ("--runs-dir", runs_dir), ("--resume", resume), ("--device", device)]
+        status = launch(nproc_per_node, ["train", *([str(config)] if config is not None else []),
+                                *(arg for value in set_ for arg in ("--set", value)),
+                                *(arg for flag, value in options if value is not None for arg in (flag, str(value))),
+                                *(["--debug"] if debug else [])], runs_dir, resume)
+        if status:
+            raise typer.Exit(status)  # the failing process printed why
+        return
     # torch loads only now, after the config is known to be good: a typo answers at once
     from cnnvis.training.trainer import Trainer
     from cnnvis.views import ProgressListener, summary_table
 
-    listeners = [ProgressListener(console)]
+    listeners = [ProgressListener(console)]  # the trainer drops them on ranks other than 0
     trainer = Trainer(cfg, runs_dir=runs_dir, name=name, device=device, resume=resume, listeners=listeners, overrides=set_ if resume else ())
     cfg = trainer.config
+    if not trainer.world.is_main:  # rank 0 shows the run and writes its files
+        try:
+            if trainer.finished is None:
+                trainer.fit()
+        finally:
+            trainer.close()
+        return
     if trainer.finished is not None:  # nothing left to do: say so instead of testing it all again
         trainer.close()
         console.print(summary_table(trainer.state.history, trainer.finished))
@@ -277,7 +310,7 @@ def report(
 @friendly_errors
 def summary(
     source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
     debug: Debug = False,
 ) -> None:
@@ -293,7 +326,7 @@ def summary(
 @friendly_errors
 def data_check(
     config: Annotated[Path, typer.Argument(help="YAML config whose data to check.")],
-    set_: Annotated[list[str], typer.Option("--set", metavar="KEY.PATH=VALUE", help="Override a config field: --set train.epochs=3 (repeatable).")] = [],
+    set_: SetOption = [],
     debug: Debug = False,
 ) -> None:
     """Decode every image once and name each bad file (the same check training runs first)."""

@@ -157,6 +157,10 @@ class TrainConfig(Section):
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CUDA and CPU)")
     early_stopping: int | None = Field(None, ge=1, description="stop after N epochs without a better val accuracy")
     log_every: int = Field(50, ge=1, description="training steps between per-step loss points")
+    sync_batchnorm: bool = Field(False, description="several processes (torchrun): BatchNorm statistics over the "
+                                 "global batch instead of each process's share (SyncBatchNorm; CUDA only)")
+    collective_timeout_s: float = Field(300.0, gt=0, description="several processes: seconds a process waits for the "
+                                        "others in a collective before it gives up (a dead process ends the run)")
 
 
 class LogConfig(Section):

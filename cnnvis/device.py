@@ -59,3 +59,13 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def memory_format(model: nn.Module) -> torch.memory_format:
     """The memory format the trainer chose for ``model`` (``channels_last`` or contiguous)."""
     return getattr(model, "_cnnvis_memory_format", torch.contiguous_format)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch; ``deterministic`` trades speed (cuDNN autotuning) for repeatable results."""
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True

@@ -8,6 +8,7 @@ new runs, and rebuilding a trained model from one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -84,6 +85,21 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> tuple[Path, Pa
     if prefer == "last":  # resuming: the run stopped before its first checkpoint was written
         raise CheckpointError(f"{path} has no checkpoint yet: it stopped before training began.", "Start a new run instead.")
     raise CheckpointError(f"{path} has no checkpoint yet", "Train it first (an epoch must finish before best.pt exists).")
+
+
+def resume_point(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, Path, dict[str, Any], Config]:
+    """``(run_dir, checkpoint, payload, config)`` to continue training from: the run's ``last.pt``
+    and its stored config with ``overrides`` applied (e.g. more epochs; not another architecture)."""
+    run_dir, checkpoint = resolve_checkpoint(resume, prefer="last")
+    payload = load_checkpoint(checkpoint, map_location="cpu")
+    config = build_config(payload["config"], list(overrides), source=f"{checkpoint} (stored config)")
+    saved_arch = payload.get("meta", {}).get("arch", config.model.arch)
+    if config.model.arch != saved_arch:
+        raise ConfigError(
+            f"{checkpoint} holds a {saved_arch} model; a resumed run cannot switch to model.arch = {config.model.arch}.",
+            "Keep the run's model.arch, or start a new run for the other architecture.",
+        )
+    return run_dir, checkpoint, payload, config
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rich.progress import (
 from rich.table import Table
 from torch import Tensor
 
-from cnnvis.training.trainer import Listener, TrainState
+from cnnvis.training.events import Listener, TrainState
 
 if TYPE_CHECKING:
     from cnnvis.commands.evaluate import Evaluation
@@ -73,6 +73,7 @@ class ProgressListener(Listener):
             f"{data.num_classes} classes",
             f"        from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})",
             f"        {escape(data.pipeline)}",
+            *_processes(state),
         ]
         for line in lines:
             self.console.print(line, soft_wrap=True, highlight=False)
@@ -106,6 +107,15 @@ class ProgressListener(Listener):
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _processes(state: TrainState) -> list[str]:
+    """The header's line on several training processes: how the global batch is shared out."""
+    n = state.world_size
+    if n == 1:
+        return []
+    batch = state.config.data.batch_size
+    return [f"[bold]processes[/] {n}, global batch {batch} ({batch // n} per process)"]
 
 
 class MethodProgress:

@@ -35,17 +35,19 @@ __all__ = [
 ]
 
 
-def build_data(config: Config, device: torch.device | str = "cpu") -> DataBundle:
-    """Build the train/val/test batch sources described by ``config.data``."""
+def build_data(config: Config, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Build the train/val/test batch sources described by ``config.data``; with ``world_size``
+    processes, the batches of process ``rank``: its share of each global training batch
+    (``data.batch_size``) and of each evaluation split."""
     device = torch.device(device)
     if config.data.dataset == "mnist":
         from cnnvis.data.mnist import build_mnist
 
-        return build_mnist(config, device)
+        return build_mnist(config, device, rank, world_size)
     from cnnvis.data.folders import build_flowers102, build_imagefolder
 
     builder = build_imagefolder if config.data.dataset == "imagefolder" else build_flowers102
-    return builder(config, device)
+    return builder(config, device, rank, world_size)
 
 
 def check_data(config: Config) -> DataBundle:

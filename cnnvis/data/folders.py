@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2 as T
 
@@ -76,11 +76,20 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int,
+            rank: int = 0, world_size: int = 1) -> DataLoader:
+    sampler = None
+    if world_size > 1:  # batch_size is the global batch: each rank loads its share of it
+        # Training: a seeded DistributedSampler (the trainer calls set_epoch); it pads the ranks to
+        # equal shares, which only repeats a few images of an epoch. Evaluation: every image once.
+        sampler = (DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed) if shuffle
+                   else range(rank, len(dataset), world_size))
+        batch_size, shuffle = batch_size // world_size if shuffle else batch_size, False
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         # Not for training: persistent workers keep their random state across epochs, so a
@@ -99,6 +108,8 @@ def _photo_bundle(
     samples: dict[str, list[tuple[str, int]]],
     class_names: list[str],
     skipped: list[tuple[str, str]],
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
     data, t = config.data, config.data.transforms
     if data.subset and data.subset < len(samples["train"]):
@@ -107,7 +118,7 @@ def _photo_bundle(
         samples["train"] = [samples["train"][i] for i in sorted(keep.tolist())]
     spec = photo_spec(class_names, t)
     if in_memory(config, sum(len(v) for v in samples.values())):
-        return _tensor_bundle(config, device, samples, spec, skipped)
+        return _tensor_bundle(config, device, samples, spec, skipped, rank, world_size)
     evaluate = eval_transform(t, spec.mean, spec.std)
     sets = {
         "train": FileImages(samples["train"], train_transform(t, spec.mean, spec.std)),
@@ -116,7 +127,8 @@ def _photo_bundle(
     }
     workers = resolve_workers(data.num_workers)
     loaders = {
-        split: _loader(ds, data.batch_size if split == "train" else data.eval_batch_size, split == "train", workers, device, config.seed)
+        split: _loader(ds, data.batch_size if split == "train" else data.eval_batch_size, split == "train", workers, device,
+                       config.seed, rank, world_size)
         for split, ds in sets.items()
     }
     return DataBundle(
@@ -167,7 +179,7 @@ def decode_all(paths: Sequence[str], side: int, workers: int = 4) -> Tensor:
 
 
 def _tensor_bundle(config: Config, device: torch.device, samples: dict[str, list[tuple[str, int]]],
-                   spec: ImageSpec, skipped: list[tuple[str, str]]) -> DataBundle:
+                   spec: ImageSpec, skipped: list[tuple[str, str]], rank: int = 0, world_size: int = 1) -> DataBundle:
     """Every split decoded once into a uint8 tensor on ``device``; batches are augmented there."""
     data, t = config.data, config.data.transforms
     side = stored_side(t)
@@ -178,7 +190,7 @@ def _tensor_bundle(config: Config, device: torch.device, samples: dict[str, list
         train = split == "train"
         sources[split] = DeviceBatches(images, labels, data.batch_size if train else data.eval_batch_size, spec.mean,
                                        spec.std, device, shuffle=train, augment=t if train else None, seed=config.seed,
-                                       size=t.image_size)
+                                       size=t.image_size, rank=rank, world_size=world_size)
     megabytes = sum(b.images.numel() for b in sources.values()) / 2**20
     return DataBundle(
         train=sources["train"], val=sources["val"], test=sources["test"], spec=spec,
@@ -212,12 +224,12 @@ def imagefolder_samples(config: Config) -> tuple[dict[str, list[tuple[str, int]]
     return {k: [samples[i] for i in v] for k, v in split.items()}, classes, skipped
 
 
-def build_imagefolder(config: Config, device: torch.device) -> DataBundle:
+def build_imagefolder(config: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
     samples, classes, skipped = imagefolder_samples(config)
-    return _photo_bundle(config, device, samples, classes, skipped)
+    return _photo_bundle(config, device, samples, classes, skipped, rank, world_size)
 
 
-def build_flowers102(config: Config, device: torch.device) -> DataBundle:
+def build_flowers102(config: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
     data = config.data
     root = data_root(data)
     try:
@@ -237,7 +249,7 @@ def build_flowers102(config: Config, device: torch.device) -> DataBundle:
             raise DataError(f"Flowers-102 download failed ({type(exc).__name__}: {exc}).",
                             f"Place the files in {root / 'flowers-102'} by hand.") from None
         splits[split] = [(str(p), int(label)) for p, label in zip(ds._image_files, ds._labels)]
-    return _photo_bundle(config, device, splits, list(FLOWERS102_CLASSES), [])
+    return _photo_bundle(config, device, splits, list(FLOWERS102_CLASSES), [], rank, world_size)
 
 
 def folder_classes(config: Config) -> tuple[Path, list[str]]:

@@ -56,7 +56,8 @@ def _place_mnist_files(root: Path, download: bool) -> Path:
     for name in MNIST_FILES:
         target, packed = raw / name, raw / f"{name}.gz"
         if not target.exists() and packed.exists():
-            tmp = target.with_suffix(".part")
+            # one temp file per process: the processes of a torchrun launch all decompress at once
+            tmp = target.with_name(f"{name}.{os.getpid()}.part")
             try:
                 with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -140,7 +141,7 @@ def split_indices(n: int, holdout: int, seed: int) -> tuple[Tensor, Tensor]:
     return order[holdout:], order[:holdout]
 
 
-def build_mnist(config: Config, device: torch.device) -> DataBundle:
+def build_mnist(config: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> DataBundle:
     data = config.data
     tensors = load_mnist_tensors(data_root(data), data.download)
     train_x, train_y = tensors["train"]
@@ -151,7 +152,8 @@ def build_mnist(config: Config, device: torch.device) -> DataBundle:
     if data.subset:
         train_idx = train_idx[: data.subset]
     make = lambda x, y, shuffle, bs: DeviceBatches(  # noqa: E731
-        x, y, bs, MNIST_MEAN, MNIST_STD, device, shuffle=shuffle, augment=data.transforms if shuffle else None, seed=config.seed
+        x, y, bs, MNIST_MEAN, MNIST_STD, device, shuffle=shuffle, augment=data.transforms if shuffle else None, seed=config.seed,
+        rank=rank, world_size=world_size,
     )
     train = make(train_x[train_idx], train_y[train_idx], True, data.batch_size)
     val = make(train_x[val_idx], train_y[val_idx], False, data.eval_batch_size)

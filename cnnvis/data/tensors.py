@@ -94,6 +94,11 @@ class DeviceBatches:
 
     Training batches (``augment``) are shuffled and augmented with :class:`BatchAugment`;
     evaluation batches are the centre ``size`` pixels. Both are normalised with ``mean``/``std``.
+
+    With ``world_size`` processes, process ``rank`` takes its contiguous share of every global
+    training batch of ``batch_size`` (each process draws the same seeded permutation, and augments
+    its share with a generator of its own), and its contiguous share of an evaluation split: every
+    image once over all processes, none twice.
     """
 
     def __init__(
@@ -108,6 +113,8 @@ class DeviceBatches:
         augment: TransformConfig | None = None,
         seed: int = 0,
         size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         images = images.unsqueeze(1) if images.ndim == 3 else images
         self.images = images.to(device)  # uint8: a quarter of float32
@@ -117,18 +124,43 @@ class DeviceBatches:
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.shuffle = shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-        augmenter = BatchAugment(augment, self.size, self.generator) if augment is not None else None
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)  # the order: the same on every rank
+        # One process draws order and augmentation from one generator (as it always has); several
+        # draw augmentation apart, so that the order generators stay in step whatever they augment.
+        self.augment_generator = self.generator if world_size == 1 else torch.Generator().manual_seed(
+            seed * 1000 + rank + 1)
+        augmenter = BatchAugment(augment, self.size, self.augment_generator) if augment is not None else None
         self.augment = augmenter if augmenter is not None and augmenter.active else None
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        count = len(self.labels) if self.shuffle else len(self._eval_share())
+        return (count + self.batch_size - 1) // self.batch_size
+
+    def shard_sizes(self, step: int) -> tuple[int, int]:
+        """``(this rank's images, all ranks' images)`` in training batch ``step``."""
+        total = min(self.batch_size, len(self.labels) - step * self.batch_size)
+        return len(range(total)[self._share(total)]), total
+
+    def _share(self, n: int) -> slice:
+        """This rank's contiguous part of ``n`` items, as ``Tensor.tensor_split`` cuts them."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def _eval_share(self) -> Tensor:
+        return torch.arange(len(self.labels), device=self.labels.device)[self._share(len(self.labels))]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"generator": self.generator.get_state()}
+        state = {"generator": self.generator.get_state()}
+        if self.augment_generator is not self.generator:
+            state["augment_generator"] = self.augment_generator.get_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.generator.set_state(state["generator"])
+        if self.augment_generator is not self.generator and "augment_generator" in state:
+            self.augment_generator.set_state(state["augment_generator"])
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.labels)
@@ -136,9 +168,11 @@ class DeviceBatches:
         if self.shuffle:
             order = torch.randperm(n, generator=self.generator).to(device)
         else:
-            order = torch.arange(n, device=device)
+            order, n = self._eval_share(), len(self._eval_share())
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
+            if self.shuffle and self.world_size > 1:
+                idx = idx[self._share(len(idx))]
             x = self.images[idx].float().div_(255)
             x = self.augment(x) if self.augment is not None else centre_crop(x, self.size)
             yield (x - self.mean) / self.std, self.labels[idx]

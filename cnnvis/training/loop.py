@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnvis.device import autocast, eval_mode, memory_format
+from cnnvis.training.distributed import reduce_sum
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -24,7 +25,8 @@ def predict(model: nn.Module, images: Tensor, tta_flip: bool = False) -> Tensor:
 
 def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
              tta_flip: bool = False) -> dict[str, float]:
-    """Cross-entropy (no label smoothing) and accuracy over a split."""
+    """Cross-entropy (no label smoothing) and accuracy over a split; under torchrun, over every
+    rank's share of it (each image counted once)."""
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = 0
@@ -37,8 +39,9 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: torc
             loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
             count += labels.shape[0]
-    count = max(count, 1)
-    return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
+    totals = reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device)]))
+    loss, right, count = totals.tolist()  # the one copy to the host
+    return {"loss": loss / max(count, 1), "accuracy": right / max(count, 1)}
 
 
 def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp: torch.dtype | None = None,
@@ -54,6 +57,17 @@ def predict_split(model: nn.Module, batches: Batches, device: torch.device, amp:
     if not logits:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logits).cpu(), torch.cat(targets).long().cpu()
+
+
+def split_scores(logits: Tensor, targets: Tensor, device: torch.device) -> dict[str, float]:
+    """Cross-entropy and accuracy of a split's logits (from :func:`predict_split`); under torchrun,
+    of every rank's share together."""
+    zero = torch.zeros((), dtype=torch.float64)
+    loss = nn.functional.cross_entropy(logits.double(), targets, reduction="sum") if targets.numel() else zero
+    right = (logits.argmax(1) == targets).sum().double() if targets.numel() else zero
+    totals = torch.stack([loss, right, torch.tensor(float(targets.numel()), dtype=torch.float64)]).to(device)
+    loss, right, count = reduce_sum(totals).tolist()
+    return {"loss": loss / max(count, 1), "accuracy": right / max(count, 1)}
 
 
 def find_misclassified(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cnnvis.config import Config
+from cnnvis.errors import ConfigError
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -107,3 +108,22 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps_per_e
     if s.name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma), "epoch"
     return None, "none"
+
+
+def check_schedule_fits(config: Config, payload: dict, steps_per_epoch: int, unit: str | None) -> None:
+    """Raise unless a resumed run's schedule (``config``) can continue the one the checkpoint
+    ``payload`` was planned with: loading the old plan into a longer run would make OneCycleLR raise
+    past its end and cosine turn back up."""
+    saved = payload.get("scheduler") or {}
+    planned = saved.get("total_steps", saved.get("T_max")) if unit == "step" else None
+    wanted = steps_per_epoch * config.train.epochs
+    stored = payload["config"]["train"]["epochs"]
+    planned_by_epochs = config.scheduler.name in ("onecycle", "cosine")
+    if planned_by_epochs and (stored != config.train.epochs or planned not in (None, wanted)):
+        planned = planned or steps_per_epoch * stored
+        raise ConfigError(
+            f"this run's {config.scheduler.name} schedule was planned for {planned} steps "
+            f"({stored} epochs) but the resumed run needs {wanted} (train.epochs = {config.train.epochs}).",
+            "Resume with the run's own train.epochs and batch size, or start a new run; "
+            "scheduler.name step or none can be extended.",
+        )

@@ -51,8 +51,8 @@ from cnnvis.device import amp_dtype, eval_mode
 from cnnvis.errors import UnsupportedModelError
 from cnnvis.metrics.classification import confusion_matrix
 from cnnvis.run import EVENT_FILE_GLOB, checkpoint_path, load_run
+from cnnvis.training.events import Listener, TrainState
 from cnnvis.training.loop import find_misclassified, predict_split
-from cnnvis.training.trainer import Listener, TrainState
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.maps import normalize_maps
 from cnnvis.vis.registry import METHODS, run_method

@@ -1,5 +1,5 @@
-"""The training loop: plain functions for an epoch and an evaluation, a trainer that fires
-events (progress bars and TensorBoard are listeners), checkpoints, resume and early stopping.
+"""The trainer: the epoch loop, checkpoints, resume, early stopping and the test pass. It fires
+events (``events.py``) that the progress bars and TensorBoard listen to.
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,19 @@ from cnnvis.checkpoint import (
     interrupts_deferred,
     load_checkpoint,
     load_model_state,
+    restore_rng,
+    rng_state,
     save_checkpoint,
 )
-from cnnvis.config import Config, build_config, config_to_dict, save_config
+from cnnvis.config import Config, config_to_dict, save_config
 from cnnvis.data import DataBundle, build_data
-from cnnvis.device import amp_dtype, autocast, memory_format, resolve_device
+from cnnvis.device import (
+    amp_dtype,
+    autocast,
+    memory_format,
+    resolve_device,
+    seed_everything,
+)
 from cnnvis.errors import ConfigError, TrainingError
 from cnnvis.io import append_jsonl, read_jsonl, write_jsonl
 from cnnvis.models import build_model
@@ -32,10 +39,12 @@ from cnnvis.run import (
     checkpoint_path,
     create_run_dir,
     model_from_checkpoint,
-    resolve_checkpoint,
+    resume_point,
 )
-from cnnvis.training.loop import evaluate, predict_split
-from cnnvis.training.optim import make_optimizer, make_scheduler
+from cnnvis.training import distributed
+from cnnvis.training.events import Listener, TrainState
+from cnnvis.training.loop import evaluate, predict_split, split_scores
+from cnnvis.training.optim import check_schedule_fits, make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
     averaged_state,
     batch_mixer,
@@ -43,54 +52,6 @@ from cnnvis.training.regularize import (
     restore_average,
     weight_average,
 )
-
-
-@dataclass
-class TrainState:
-    """What listeners see; the trainer owns it."""
-
-    config: Config
-    run_dir: Path
-    device: torch.device
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    data: DataBundle
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    steps_per_epoch: int = 0
-    best_val_accuracy: float = -1.0
-    epochs_without_improvement: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    average: nn.Module | None = None  #: the weight average (``train.ema``), when there is one
-    lr: float = 0.0  #: the learning rate of the step in progress (of the first parameter group)
-    #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
-    #: draw PR curves and the confusion matrix from it instead of predicting the split again
-    test_predictions: tuple[Tensor, Tensor] | None = None
-
-    @property
-    def evaluated_model(self) -> nn.Module:
-        """What is validated, tested, saved and explained: the weight average if any, else the model."""
-        return self.average if self.average is not None else self.model
-
-
-class Listener:
-    """Override what you need; every hook is a no-op by default."""
-
-    def on_train_start(self, state: TrainState) -> None: ...
-
-    def on_epoch_start(self, state: TrainState) -> None: ...
-
-    def on_first_batch(self, state: TrainState, images: Tensor, labels: Tensor) -> None:
-        """The epoch's first training batch as the model sees it (augmented, normalised, on the device)."""
-
-    def on_step(self, state: TrainState, step_in_epoch: int, loss: Tensor) -> None:
-        """``loss`` is a detached device tensor: reading it is a host sync, so do it rarely."""
-
-    def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None: ...
-
-    def on_train_end(self, state: TrainState, final: dict[str, Any]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Trainer:
@@ -107,26 +68,25 @@ class Trainer:
         data: DataBundle | None = None,
         overrides: Sequence[str] = (),
     ) -> None:
-        """With ``resume``, the run's stored config is used (``overrides`` still apply, e.g. more epochs)."""
-        self.device = resolve_device(device)
-        self.listeners = list(listeners)
+        """With ``resume``, the run's stored config is used (``overrides`` still apply, e.g. more epochs).
+
+        Under torchrun each process builds its own trainer: it joins the process group, trains its
+        share of each batch, and only rank 0 writes files or tells ``listeners`` anything."""
+        self.world = distributed.detect_world()
+        self.listeners = list(listeners) if self.world.is_main else []
         payload = None
+        if resume is None and self.world.distributed:
+            resume = distributed.restarted_run(runs_dir)  # torchrun --max-restarts: continue, not start over
         if resume is not None:
-            run_dir, checkpoint = resolve_checkpoint(resume, prefer="last")
-            payload = load_checkpoint(checkpoint, map_location="cpu")
-            config = build_config(payload["config"], overrides, source=f"{checkpoint} (stored config)")
-            saved_arch = payload.get("meta", {}).get("arch", config.model.arch)
-            if config.model.arch != saved_arch:
-                raise ConfigError(
-                    f"{checkpoint} holds a {saved_arch} model; a resumed run cannot switch to model.arch = {config.model.arch}.",
-                    "Keep the run's model.arch, or start a new run for the other architecture.",
-                )
-            self.run_dir = run_dir
+            self.run_dir, checkpoint, payload, config = resume_point(resume, overrides)
         elif config is None:
             raise ConfigError("a config is needed unless resuming a run")
         self.config = config
-        _seed_everything(config)
-        self.data = data or build_data(config, self.device)
+        seed_everything(config.seed, config.deterministic)
+        self.device = (distributed.start(self.world, device, config.train.collective_timeout_s) if self.world.distributed
+                       else resolve_device(device))
+        distributed.check_batch_split(config.data.batch_size, self.world)
+        self.data = data or build_data(config, self.device, self.world.rank, self.world.size)
         spec = self.data.spec
         if payload is not None:
             self.data.check_fits(payload["meta"]["class_names"], checkpoint, "Resume needs the same classes: "
@@ -136,6 +96,8 @@ class Trainer:
             pretrained=config.model.pretrained if payload is None else None,
             freeze=config.model.freeze, dropout=config.model.dropout,
         ))
+        self.train_model = distributed.wrap(model, self.world, self.device, config.train.sync_batchnorm)  # the steps call this
+        distributed.seed_rank(config.seed, self.world)  # the same initial weights (DDP copied rank 0's), then its own dropout
         self.amp = amp_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         optimizer = make_optimizer(config, model)
@@ -143,31 +105,31 @@ class Trainer:
         self.average = weight_average(model, config.train.ema)
         steps_per_epoch = len(self.data.train)
         self.scheduler, self.scheduler_unit = make_scheduler(config, optimizer, steps_per_epoch)
-        if payload is None:
-            self.run_dir = create_run_dir(runs_dir, name or config.name)
-            save_config(config, self.run_dir / CONFIG_FILE)
+        if payload is None:  # named and made once, by rank 0
+            self.run_dir = distributed.decide_on_main(self.world, lambda: self._new_run(runs_dir, name or config.name))
         self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch,
-                                average=self.average.module if self.average is not None else None)
+                                average=self.average.module if self.average is not None else None,
+                                world_size=self.world.size)
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
         #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
         self.finished: dict[str, Any] | None = None
         if payload is not None:
             self._restore(payload)
             self.saved_epoch = self.state.epoch
-            save_config(config, self.run_dir / CONFIG_FILE)  # overrides (e.g. more epochs) are part of the run now
+            if self.world.is_main:
+                save_config(config, self.run_dir / CONFIG_FILE)  # overrides (e.g. more epochs) are part of the run now
+
+    def _new_run(self, runs_dir: str | Path, name: str) -> Path:
+        run_dir = create_run_dir(runs_dir, name)
+        save_config(self.config, run_dir / CONFIG_FILE)
+        distributed.remember_run(runs_dir, run_dir)
+        return run_dir
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _payload(self) -> dict[str, Any]:
+    def _payload(self, rng: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """What a checkpoint holds; ``rng`` is every rank's random state, rank 0's first."""
         s = self.state
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        train_source = self.data.train
-        if hasattr(train_source, "state_dict"):
-            rng["loader"] = train_source.state_dict()["generator"]
-        elif getattr(train_source, "generator", None) is not None:
-            rng["loader"] = train_source.generator.get_state()
         cpu = lambda module: {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}  # noqa: E731
         averaged = {}
         if self.average is not None:  # "model" holds the weights that are evaluated; the raw ones resume training
@@ -182,27 +144,15 @@ class Trainer:
             "global_step": s.global_step,
             "best_val_accuracy": s.best_val_accuracy,
             "epochs_without_improvement": s.epochs_without_improvement,
-            "rng": rng,
+            "rng": rng[0],
+            **({"rng_per_rank": rng} if len(rng) > 1 else {}),
             "config": config_to_dict(self.config),
             "meta": {"arch": self.config.model.arch, **self.data.spec.to_dict()},
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:
         s = self.state
-        saved = payload.get("scheduler") or {}
-        planned = saved.get("total_steps", saved.get("T_max")) if self.scheduler_unit == "step" else None
-        wanted = s.steps_per_epoch * self.config.train.epochs
-        stored = payload["config"]["train"]["epochs"]
-        planned_by_epochs = self.config.scheduler.name in ("onecycle", "cosine")
-        if planned_by_epochs and (stored != self.config.train.epochs or planned not in (None, wanted)):
-            # Loading the state would keep the old plan: OneCycleLR raises past its end, cosine turns back up.
-            planned = planned or s.steps_per_epoch * stored
-            raise ConfigError(
-                f"this run's {self.config.scheduler.name} schedule was planned for {planned} steps "
-                f"({stored} epochs) but the resumed run needs {wanted} (train.epochs = {self.config.train.epochs}).",
-                "Resume with the run's own train.epochs and batch size, or start a new run; "
-                "scheduler.name step or none can be extended.",
-            )
+        check_schedule_fits(self.config, payload, s.steps_per_epoch, self.scheduler_unit)
         load_model_state(s.model, payload.get("trained_model", payload["model"]), "the checkpoint")
         if self.average is not None:
             if "average" in payload:
@@ -225,15 +175,9 @@ class Trainer:
         s.global_step = int(payload["global_step"])
         s.best_val_accuracy = float(payload["best_val_accuracy"])
         s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if "loader" in rng:
-            if hasattr(self.data.train, "load_state_dict"):
-                self.data.train.load_state_dict({"generator": rng["loader"]})
-            elif getattr(self.data.train, "generator", None) is not None:
-                self.data.train.generator.set_state(rng["loader"])
+        restore_rng(distributed.own_rng(payload, self.world), self.device, self.data.train)
+        if len(payload.get("rng_per_rank") or [0]) != self.world.size:  # resumed by another number of processes
+            distributed.seed_rank(self.config.seed, self.world, s.epoch)
         rows = read_jsonl(self.run_dir / METRICS_FILE).rows
         # Lines after the checkpoint's epoch belong to work that is about to be redone.
         history = [m for m in rows if m.get("epoch", 0) <= s.epoch and "test_accuracy" not in m]
@@ -258,14 +202,17 @@ class Trainer:
         return model
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
-        payload = self._payload()
-        with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
-            # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
-            # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
-            # best epoch last.pt records, or none at all.
-            for name in sorted(which, key=lambda n: n == "last"):
-                save_checkpoint(payload, checkpoint_path(self.run_dir, name))
-        self.saved_epoch = payload["epoch"]
+        """Every rank calls this (it gathers their random states); rank 0 writes."""
+        rng = distributed.gather_to_main(rng_state(self.device, self.data.train))
+        if rng is not None:
+            payload = self._payload(rng)
+            with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
+                # last.pt (the resume point) goes last: a SIGKILL between the two writes then leaves a
+                # best.pt that is ahead of last.pt (the resumed epoch rewrites it), never one behind the
+                # best epoch last.pt records, or none at all.
+                for name in sorted(which, key=lambda n: n == "last"):
+                    save_checkpoint(payload, checkpoint_path(self.run_dir, name))
+        self.saved_epoch = self.state.epoch
 
     # ------------------------------------------------------------------ the loop
 
@@ -275,8 +222,9 @@ class Trainer:
 
     def train_one_epoch(self) -> dict[str, float]:
         s, device = self.state, self.device
-        model, optimizer, config = s.model, s.optimizer, self.config
+        model, optimizer, config = self.train_model, s.optimizer, self.config
         model.train()
+        distributed.set_epoch(self.data.train, s.epoch)
         losses = torch.zeros(max(s.steps_per_epoch, 1), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
@@ -297,7 +245,10 @@ class Trainer:
                 self._emit("on_first_batch", images, labels)
             with autocast(device, self.amp):
                 logits = model(images)
-                loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing)
+                loss = nn.functional.cross_entropy(logits.float(), targets, label_smoothing=config.train.label_smoothing,
+                                                   reduction="sum" if self.world.distributed else "mean")
+                if self.world.distributed:  # this rank's part of the global batch's mean loss (DDP averages the ranks)
+                    loss = loss * distributed.loss_scale(self.data.train, step, labels.shape[0], self.world)
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if config.train.grad_clip:
@@ -308,7 +259,7 @@ class Trainer:
             if self.scheduler_unit == "step":
                 self.scheduler.step()
             if self.average is not None:
-                self.average.update_parameters(model)
+                self.average.update_parameters(s.model)
             detached = loss.detach()
             losses[step] = detached
             correct += (logits.detach().argmax(1) == hard_labels(targets)).sum()
@@ -321,17 +272,22 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
+        # a rank's step loss is its share of the global batch's mean, times the world size (what DDP averages)
+        totals = torch.stack([losses[: s.steps_per_epoch].double().sum(), correct.double(), torch.tensor(float(seen), device=device)])
+        loss_sum, correct_all, seen_all = distributed.reduce_sum(totals).tolist()  # the one copy to the host
         return {
-            "train_loss": losses[: s.steps_per_epoch].mean().item(),
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_loss": loss_sum / max(s.steps_per_epoch, 1) / self.world.size,
+            "train_accuracy": correct_all / max(seen_all, 1),
             "seconds": seconds,
-            "images_per_second": seen / seconds if seconds > 0 else 0.0,
+            "images_per_second": seen_all / seconds if seconds > 0 else 0.0,
             "lr": lr_first,
             "lr_max": lr_max,
             "lr_mean": lr_sum / max(s.steps_per_epoch, 1),
         }
 
     def _check_finite(self, losses: Tensor) -> None:
+        # One rank's NaN is every rank's stop, at the same step: no rank is left waiting in a collective.
+        losses = distributed.reduce_sum(losses.clone()) if self.world.distributed else losses
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
             step = int(bad.nonzero()[0, 0]) + 1
@@ -347,7 +303,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs, then test the best model; returns the final metrics."""
         s, config = self.state, self.config
-        if s.epoch == 0 and not checkpoint_path(self.run_dir, "last").exists():
+        if self.saved_epoch is None:
             self.save(["last"])  # a resume point exists from the first second on
         self._emit("on_train_start")
         batch_key, where = "batch_size", "in epoch 1"
@@ -357,6 +313,7 @@ class Trainer:
                 batch_key, where = "batch_size", f"in epoch {s.epoch + 1}"
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
+                distributed.broadcast_buffers(self.evaluated_model)  # every rank evaluates what rank 0 saves
                 val = evaluate(self.evaluated_model, self.data.val, self.device, self.amp, config.train.tta_flip)
                 if not math.isfinite(val["loss"]):
                     # The training losses were finite, so the last steps broke the weights: keep them out of last.pt.
@@ -392,6 +349,9 @@ class Trainer:
                 f"out of memory on {self.device} {where} (data.{batch_key} = {size}).",
                 f"Try a smaller batch size, e.g. data.{batch_key}={max(1, size // 2)}",
             ) from None
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            raise distributed.peer_lost(exc, self.run_dir) or exc  # another rank died: one line, not a gloo/NCCL traceback
+        distributed.forget_run(self.run_dir)
         self._emit("on_train_end", final)
         return final
 
@@ -400,17 +360,18 @@ class Trainer:
         s = self.state
         best = checkpoint_path(self.run_dir, "best")
         model = self.evaluated_model
-        if best.is_file():
-            model = self._placed(model_from_checkpoint(load_checkpoint(best, map_location="cpu"), self.config, str(best)))
+        saved = distributed.decide_on_main(  # read once, by rank 0; the weights alone travel (no optimizer state)
+            self.world, lambda: {k: v for k, v in load_checkpoint(best).items() if k in ("model", "meta")} if best.is_file() else None)
+        if saved is not None:
+            model = self._placed(model_from_checkpoint(saved, self.config, str(best)))
         logits, targets = predict_split(model, self.data.test, self.device, self.amp, self.config.train.tta_flip)
-        s.test_predictions = (logits, targets)
-        count = max(targets.numel(), 1)
-        loss = nn.functional.cross_entropy(logits.double(), targets, reduction="sum").item() / count if targets.numel() else 0.0
+        result = split_scores(logits, targets, self.device)  # over every rank's share
+        s.test_predictions = distributed.gather_predictions(logits, targets)  # the whole split, for rank 0's listeners
         final = {
             "epoch": s.epoch,
             "step": s.global_step,
-            "test_loss": loss,
-            "test_accuracy": (logits.argmax(1) == targets).sum().item() / count if targets.numel() else 0.0,
+            "test_loss": result["loss"],
+            "test_accuracy": result["accuracy"],
             "test_split": "test",
             "test_checkpoint": "best",
             "best_val_accuracy": s.best_val_accuracy,
@@ -420,6 +381,8 @@ class Trainer:
 
     def _write_metrics(self, write: Any, rows: Any) -> None:
         """``write(RUN/metrics.jsonl, rows)`` with an unwritable file turned into a :class:`TrainingError`."""
+        if not self.world.is_main:
+            return
         path = self.run_dir / METRICS_FILE
         try:
             write(path, rows)
@@ -432,12 +395,4 @@ class Trainer:
     def close(self) -> None:
         for listener in self.listeners:
             listener.close()
-
-
-def _seed_everything(config: Config) -> None:
-    torch.manual_seed(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True
+        distributed.stop()

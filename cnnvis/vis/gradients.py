@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cnnvis.vis.fused import gradient_copy
 from cnnvis.vis.hooks import (
     Targets,
     as_input,
@@ -29,6 +30,7 @@ def grad_of_targets(model: nn.Module, x: Tensor, targets: Tensor) -> Tensor:
 def input_gradients(model: nn.Module, images: Tensor, targets: Targets = "pred") -> Tensor:
     """``[N, C, H, W]`` gradients of each image's target logit with respect to the image (one forward)."""
     check_images(model, images)
+    model, images = gradient_copy(model, images)
     with model_state(model, grad=True):
         x = as_input(images, requires_grad=True)
         logits = model(x)

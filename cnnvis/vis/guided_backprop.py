@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from cnnvis.errors import UnsupportedModelError
+from cnnvis.vis.fused import gradient_copy
 from cnnvis.vis.gradients import input_gradients
 from cnnvis.vis.hooks import Targets
 from cnnvis.vis.maps import Reduce, reduce_channels
@@ -77,8 +78,9 @@ def guided_relus() -> Iterator[GuidedReLUMode]:
 
 def guided_backprop_gradients(model: nn.Module, images: Tensor, targets: Targets = "pred") -> Tensor:
     """Signed guided-backprop gradients ``[N, C, H, W]``; raises if the model calls no ReLU."""
+    fast, laid_out = gradient_copy(model, images)  # made before the guided mode is on: traced with plain ReLUs
     with guided_relus() as mode:
-        grads = input_gradients(model, images, targets)
+        grads = input_gradients(fast, laid_out, targets)
     if mode.count == 0:
         raise UnsupportedModelError(
             f"guided backprop found no ReLU call in {type(model).__name__}; it would be a plain gradient. "

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from cnnvis.errors import VisError
 from cnnvis.vis.batching import batch_size as batching_rule
+from cnnvis.vis.fused import gradient_copy
 from cnnvis.vis.gradients import grad_of_targets
 from cnnvis.vis.hooks import (
     Targets,
@@ -72,6 +73,7 @@ def integrated_gradients(
     ``reduce=None`` returns ``[N, C, H, W]`` attributions; they sum to about ``F(x) - F(x')``.
     """
     check_images(model, images)
+    model, images = gradient_copy(model, images)
     alphas, weights = quadrature(method, steps)
     with model_state(model, grad=True):  # everything inside: also correct under a caller's inference_mode
         x = as_input(images, requires_grad=False)

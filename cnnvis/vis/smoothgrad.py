@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cnnvis.errors import VisError
 from cnnvis.vis.batching import batch_size as batching_rule
+from cnnvis.vis.fused import gradient_copy
 from cnnvis.vis.gradients import grad_of_targets
 from cnnvis.vis.hooks import (
     Targets,
@@ -45,6 +46,7 @@ def smoothgrad(
     ``reduce`` then combines channels (``None``: ``[N, C, H, W]``). ``batch_size`` caps noisy copies per pass.
     """
     check_images(model, images)
+    model, images = gradient_copy(model, images)
     if samples < 1 or noise < 0:
         raise VisError(f"smoothgrad needs samples >= 1 and noise >= 0, got samples={samples}, noise={noise}")
     with model_state(model, grad=True):  # everything inside: also correct under a caller's inference_mode
