@@ -35,10 +35,11 @@ QUICK: dict[str, tuple[list[str], str]] = {
     "logging_overhead.py": (["--epochs", "1", "--repeats", "1", "--set", "data.subset=6000"],
                             "1 epoch of 6,000 digits per mode, once"),
     "flowers_throughput.py": (["--batches", "4", "--reps", "1", "--threads", "2"], "4 timed batches, once"),
+    "ddp_throughput.py": (["--batches", "4", "--reps", "1"], "4 timed global batches, once per process count"),
     "mnist_time_to_99.py": (["--only", "project", "--whole-process"],
                             "the whole `cnnvis train` process only: the PyTorch example takes 10 minutes (full run: both)"),
 }
-NEEDS_DATA = {"occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
+NEEDS_DATA = {"ddp_throughput.py", "occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
 
 
 def last_line(text: str) -> str:
@@ -50,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", default=None, help="run only benchmarks whose file name starts so")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one benchmark may take")
+    parser.add_argument("--logs", type=Path, default=None, help="also keep each benchmark's whole output here")
     args = parser.parse_args()
     scripts = sorted(p.name for p in HERE.glob("*.py") if p.name != Path(__file__).name)
     if args.only:
@@ -71,6 +73,9 @@ def main() -> None:
             done = subprocess.run([sys.executable, str(HERE / script), *quick], capture_output=True, text=True,
                                   timeout=args.timeout, env=env, cwd=HERE.parent, check=False)
             status, headline = str(done.returncode), last_line(done.stdout if done.returncode == 0 else done.stderr)
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{Path(script).stem}.log").write_text(done.stdout + done.stderr)
         except subprocess.TimeoutExpired:
             status, headline = "timeout", f"over {args.timeout:.0f} s"
         rows.append((script, status, time.perf_counter() - started, headline))
