@@ -48,6 +48,10 @@ def write_config(path: Path, folder: Path, epochs: int) -> Path:
     return path
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Train:
     """``cnnvis train ARGS`` in its own process group, output kept in files (a full pipe would block it)."""
 
@@ -63,6 +67,9 @@ class Train:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cnnvis", "train", *map(str, args), "--device", "cpu"],
                 stdout=out, stderr=err, cwd=tmp_path, env=env, start_new_session=True,
+                # A test run started in the background (`pytest &`) ignores SIGINT, and children
+                # inherit that: the training process must get Ctrl-C as a user's would.
+                preexec_fn=_default_sigint,
             )
         Train.started.append(self)
 
@@ -245,7 +252,17 @@ def test_sigkill_at_any_moment_then_resume_finishes_the_run(tmp_path, config):
     assert not temp_files(run), f"temp files left behind: {temp_files(run)} (stale after the kills: {stale})"
 
 
-def test_ctrl_c_between_an_epoch_and_its_checkpoint_waits_for_the_checkpoint(tmp_path, config, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal (a test run started in
+    the background, `pytest &`, starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_between_an_epoch_and_its_checkpoint_waits_for_the_checkpoint(tmp_path, config, monkeypatch,
+                                                                             ctrl_c_raises):
     """A real SIGINT in the milliseconds after an epoch is logged and before its checkpoint is
     written (too short a window to hit from outside): the finished epoch is saved, not lost."""
     from typer.testing import CliRunner
