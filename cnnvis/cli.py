@@ -273,7 +273,7 @@ def evaluate(
     run, ev = outcome.run, outcome.evaluation
     console.print(evaluation_table(ev, run.label))
     if ev.wrong_count:
-        console.print(worst_mistakes_line(ev), soft_wrap=True)
+        console.print(worst_mistakes_line(ev))  # prose: wrapped at words, not cut
     report = outcome.faithfulness
     if report is not None:
         console.print(faithfulness_table(report, ev.split))

@@ -171,7 +171,8 @@ def summary_table(history: list[dict[str, Any]], final: dict[str, Any]) -> Table
 
 
 def visualize_table(result: Result, title: str) -> Table:
-    table = Table(title=title)
+    # light borders: the longest method and file names (integrated-gradients.png) fit 80 columns whole
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     for column in ("method", "layer", "file", "shows", "seconds"):
         table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column != "file")
     for w in result.written:

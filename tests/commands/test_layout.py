@@ -49,9 +49,9 @@ def test_train_visualize_and_evaluate_fit(width: int, monkeypatch: pytest.Monkey
     trained = run_at(width, monkeypatch, "train", config, "--runs-dir", tmp_path / "runs", "--set", "train.epochs=2")
     assert_fits(trained, width, paths)
     assert "epoch 2/2" in trained and "peak lr" in trained
-    shown = run_at(width, monkeypatch, "visualize", run_copy, "-m", "gradcam", "-m", "occlusion", "-n", "2",
-                   "--no-tensorboard")
+    shown = run_at(width, monkeypatch, "visualize", run_copy, "-n", "2", "--no-tensorboard")  # every method
     assert_fits(shown, width, paths)
+    assert "integrated-gradients.png" in shown and "predicted-class.png" in shown  # file names whole
     evaluated = run_at(width, monkeypatch, "evaluate", run_copy, "--no-tensorboard")
     assert_fits(evaluated, width, paths)
     assert "accuracy" in evaluated
