@@ -297,11 +297,10 @@ class Visualizer:
             self.batch.images, predicted, self.pred, self.run.spec.class_names, captions,
             self._title("class predicted with each window covered", None), mean=self.run.spec.mean,
             std=self.run.spec.std, caption_colors=colors)
-        unoccluded = self.pred.cpu()
         sidecar = self._sidecar("occlusion", None, parameters, predicted_per_window=[
             [[self._name(int(c)) for c in row] for row in grid] for grid in predicted.tolist()
-        ], prediction_changed_per_window=(predicted != unoccluded.view(-1, 1, 1)).tolist(),
-            legend=[self._name(c) for c in plots.changed_classes(predicted, unoccluded)],
+        ], prediction_changed_per_window=plots.changed_windows(predicted, self.pred).tolist(),
+            legend=[self._name(c) for c in plots.changed_classes(predicted, self.pred)],
             computation=found.computation)
         self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 

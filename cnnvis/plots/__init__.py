@@ -39,12 +39,13 @@ from cnnvis.plots.grids import activation_grid_figure, image_grid_figure
 from cnnvis.plots.heatmaps import heatmap_figure
 from cnnvis.plots.occlusion import (
     changed_classes,
+    changed_windows,
     class_palette,
     occlusion_classes_figure,
 )
 
 __all__ = [
-    "DEFAULT_CMAP", "DIVERGING_CMAP", "PNG", "activation_grid_figure", "changed_classes", "class_palette", "colorize",
+    "DEFAULT_CMAP", "DIVERGING_CMAP", "PNG", "activation_grid_figure", "changed_classes", "changed_windows", "class_palette", "colorize",
     "confusion_matrix_image", "count", "denormalize", "faithfulness_curves_figure", "figure_to_png", "figure_to_tensor",
     "filter_grid_figure", "filter_tiles", "format_caption", "heatmap_figure", "image_grid_figure",
     "occlusion_classes_figure", "overlay", "save_png", "tensor_to_png", "to_rgb", "training_curves_figure",

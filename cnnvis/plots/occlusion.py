@@ -21,9 +21,14 @@ def class_palette(count: int) -> torch.Tensor:
     return torch.tensor([palette(i % palette.N)[:3] for i in range(count)], dtype=torch.float32)
 
 
+def changed_windows(predicted: torch.Tensor, unoccluded: torch.Tensor) -> torch.Tensor:
+    """``[N, nh, nw]`` bool: where covering the window changes the prediction of the whole image."""
+    return predicted != unoccluded.to(predicted.device).view(-1, 1, 1)
+
+
 def changed_classes(predicted: torch.Tensor, unoccluded: torch.Tensor) -> list[int]:
     """The classes some window's cover changes a prediction to: the picture's key."""
-    return sorted(set(predicted[predicted != unoccluded.view(-1, 1, 1)].tolist()))
+    return sorted(set(predicted[changed_windows(predicted, unoccluded)].tolist()))
 
 
 def occlusion_classes_figure(
@@ -49,14 +54,14 @@ def occlusion_classes_figure(
     colours = class_palette(len(class_names))
     shown = to_rgb(images01(images, mean, std))
     h, w = shown.shape[-2:]
-    changed = (predicted != unoccluded.view(-1, 1, 1)).float()[:, None]  # [N, 1, nh, nw]
+    changed = changed_windows(predicted, unoccluded).float()[:, None]  # [N, 1, nh, nw]
     painted = colours[predicted].permute(0, 3, 1, 2)  # [N, 3, nh, nw]
     painted = F.interpolate(painted, size=(h, w), mode="nearest")
     changed = F.interpolate(changed, size=(h, w), mode="nearest")
     blended = torch.where(changed > 0.5, 0.4 * shown + 0.6 * painted, 0.8 * shown + 0.2)  # unchanged: faded
     lines = []
     for i, caption in enumerate(captions):
-        moved = predicted[i][predicted[i] != unoccluded[i]]
+        moved = predicted[i][predicted[i] != unoccluded[i]]  # this image's changed windows
         if moved.numel() == 0:
             lines.append(f"{caption}\nno window changes the prediction")
             continue
