@@ -19,6 +19,9 @@ Where things are:
   ``incremental.py`` + ``incremental_graph.py`` recompute only what each window changes (Krypton)
 * ``cam_base.py``   shared CAM computation; ``cam.py`` CAM, ``gradcam.py`` Grad-CAM,
   ``gradcampp.py`` Grad-CAM++, ``guided_gradcam.py`` Guided Grad-CAM
+* more CAMs: ``xgradcam.py`` XGrad-CAM, ``layercam.py`` LayerCAM, ``hirescam.py`` HiResCAM,
+  ``eigencam.py`` Eigen-CAM, ``scorecam.py`` Score-CAM, ``ablationcam.py`` Ablation-CAM,
+  ``fullgrad.py`` FullGrad; ``aug_smooth.py`` test-time augmentation smoothing for all of them
 * ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``smoothgrad.py``,
   ``integrated_gradients.py``
 * ``maximize.py``   activation maximisation (class logit or layer channel)
@@ -32,14 +35,19 @@ from cnnvis.errors import (
     UnsupportedModelError,
     VisError,
 )
+from cnnvis.vis.ablationcam import ablationcam
 from cnnvis.vis.activations import activations
+from cnnvis.vis.aug_smooth import augmentation_smoothed
 from cnnvis.vis.cam import cam
+from cnnvis.vis.eigencam import eigencam
 from cnnvis.vis.filters import filters
+from cnnvis.vis.fullgrad import fullgrad
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
 from cnnvis.vis.gradients import input_gradients
 from cnnvis.vis.guided_backprop import guided_backprop, guided_backprop_gradients
 from cnnvis.vis.guided_gradcam import guided_gradcam
+from cnnvis.vis.hirescam import hirescam
 from cnnvis.vis.hooks import (
     capture,
     default_layer,
@@ -49,6 +57,7 @@ from cnnvis.vis.hooks import (
     resolve_targets,
 )
 from cnnvis.vis.integrated_gradients import integrated_gradients
+from cnnvis.vis.layercam import layercam
 from cnnvis.vis.maps import gaussian_blur, normalize_maps, reduce_channels, upsample
 from cnnvis.vis.maximize import maximize
 from cnnvis.vis.occlusion import OcclusionMaps, occlusion, occlusion_maps
@@ -60,7 +69,9 @@ from cnnvis.vis.registry import (
     run_method,
 )
 from cnnvis.vis.saliency import saliency
+from cnnvis.vis.scorecam import scorecam
 from cnnvis.vis.smoothgrad import smoothgrad
+from cnnvis.vis.xgradcam import xgradcam
 
 __all__ = [
     "METHODS", "LayerNotFoundError", "MethodSpec", "OcclusionMaps", "UnknownMethodError", "UnsupportedModelError",
@@ -68,4 +79,5 @@ __all__ = [
     "gradcampp", "guided_backprop", "guided_backprop_gradients", "guided_gradcam", "input_gradients",
     "integrated_gradients", "layer_names", "maximize", "method_names", "model_state", "normalize_maps", "occlusion",
     "occlusion_maps", "reduce_channels", "resolve_targets", "run_method", "saliency", "smoothgrad", "upsample",
+    "ablationcam", "augmentation_smoothed", "eigencam", "fullgrad", "hirescam", "layercam", "scorecam", "xgradcam",
 ]

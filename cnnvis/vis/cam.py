@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cnnvis.errors import UnsupportedModelError, VisError
+from cnnvis.vis.aug_smooth import cam_maps
 from cnnvis.vis.cam_base import weighted_map
 from cnnvis.vis.hooks import Targets, as_input, capture, check_images, resolve_targets
 
@@ -44,8 +45,14 @@ def cam(
     *,
     relu: bool = False,
     upsample: bool = True,
+    aug_smooth: bool = False,
 ) -> Tensor:
-    """Class activation maps ``[N, H, W]`` (raw, signed unless ``relu=True``; ``upsample=False``: GAP-input size)."""
+    """Class activation maps ``[N, H, W]`` (raw, signed unless ``relu=True``; ``upsample=False``: GAP-input size;
+    ``aug_smooth``: see :mod:`~cnnvis.vis.aug_smooth`)."""
+    return cam_maps(lambda x, t: _cam(model, x, t, relu, upsample), model, images, targets, aug_smooth)
+
+
+def _cam(model: nn.Module, images: Tensor, targets: Targets, relu: bool, upsample: bool) -> Tensor:
     check_images(model, images)
     pool, head = gap_and_head(model)
     with capture(model, pool, where="input") as cap:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cnnvis.vis.aug_smooth import cam_maps
 from cnnvis.vis.cam_base import gradient_cam
 from cnnvis.vis.hooks import Targets
 
@@ -37,6 +38,8 @@ def gradcampp(
     *,
     relu: bool = True,
     upsample: bool = True,
+    aug_smooth: bool = False,
 ) -> Tensor:
     """Grad-CAM++ heatmaps ``[N, H, W]`` (raw); options as for :func:`~cnnvis.vis.gradcam.gradcam`."""
-    return gradient_cam(model, images, targets, layer, gradcampp_weights, relu=relu, upsample_to_input=upsample)
+    return cam_maps(lambda x, t: gradient_cam(model, x, t, layer, gradcampp_weights, relu=relu, upsample_to_input=upsample),
+                    model, images, targets, aug_smooth)

@@ -234,17 +234,24 @@ class Capture:
 
     def gradients(self, score: Tensor) -> dict[str, Tensor]:
         """d score / d layer tensor for every captured layer (``score`` is a scalar)."""
+        return self.gradients_with(score, ())[0]
+
+    def gradients_with(self, score: Tensor, inputs: Sequence[Tensor]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """:meth:`gradients`, and in the same backward pass d score / d each of ``inputs`` (the image, ...)."""
         for name in self.names:
             self.value(name)
             if name not in self._edges:
                 raise VisError(f"the output of layer {name!r} does not depend on the input image")
-        grads = torch.autograd.grad(score, [self._edges[n] for n in self.names], allow_unused=True)
+        grads = torch.autograd.grad(score, [*(self._edges[n] for n in self.names), *inputs], allow_unused=True)
+        extra = grads[len(self.names):]
+        if any(g is None for g in extra):
+            raise VisError("the target score does not depend on the input")
         out = {}
-        for name, g in zip(self.names, grads):
+        for name, g in zip(self.names, grads[:len(self.names)]):
             if g is None:
                 raise VisError(f"the target score does not depend on layer {name!r}; pick a layer before the output")
             out[name] = g
-        return out
+        return out, tuple(extra)
 
     def clear(self) -> None:
         self.values.clear()

@@ -60,6 +60,18 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+def minmax_scale(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """``(m - min) / (max - min + eps)`` over the last two dims, for any leading dims; no checks, no warnings.
+
+    Part of a method's definition rather than a display step: FullGrad rescales every channel this
+    way before summing them (Srinivas & Fleuret 2019, sec. 4), test-time augmentation averages maps
+    scaled this way, Score-CAM turns channels into masks with it. ``eps`` is pytorch-grad-cam's.
+    """
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    hi = maps.amax(dim=(-2, -1), keepdim=True)
+    return (maps - lo) / (hi - lo + eps)
+
+
 def normalize_maps(
     maps: Tensor,
     mode: NormalizeMode = "minmax",

@@ -18,20 +18,27 @@ from torch import Tensor, nn
 
 from cnnvis.catalog import METHOD_NAMES
 from cnnvis.errors import UnknownMethodError, VisError
+from cnnvis.vis.ablationcam import ablationcam
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
+from cnnvis.vis.eigencam import eigencam
 from cnnvis.vis.filters import filters
+from cnnvis.vis.fullgrad import fullgrad
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
 from cnnvis.vis.guided_backprop import guided_backprop
 from cnnvis.vis.guided_gradcam import guided_gradcam
+from cnnvis.vis.hirescam import hirescam
 from cnnvis.vis.hooks import Targets, capture, check_images, predict, resolve_targets
 from cnnvis.vis.integrated_gradients import integrated_gradients
+from cnnvis.vis.layercam import layercam
 from cnnvis.vis.maps import NormalizeMode
 from cnnvis.vis.maximize import maximize
 from cnnvis.vis.occlusion import occlusion, occlusion_maps
 from cnnvis.vis.saliency import saliency
+from cnnvis.vis.scorecam import scorecam
 from cnnvis.vis.smoothgrad import smoothgrad
+from cnnvis.vis.xgradcam import xgradcam
 
 Kind = Literal["heatmap", "activations", "filters", "images"]
 #: runner(model, images, targets, layer, **params) -> the method's result
@@ -129,6 +136,21 @@ _SPECS = [
     _spec("maximize", maximize, "images",
           "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009)",
           _run_maximize, needs_layer=False, accepts_layer=True, exclude=("layer", "device")),
+    # the CAM family beyond Grad-CAM
+    _spec("xgradcam", xgradcam, "heatmap", "activations weighted by activation-scaled gradients (Fu et al. 2020)",
+          _with_layer(xgradcam), needs_layer=True, normalize="minmax"),
+    _spec("layercam", layercam, "heatmap", "activations weighted by their own positive gradients (Jiang et al. 2021)",
+          _with_layer(layercam), needs_layer=True, normalize="minmax"),
+    _spec("hirescam", hirescam, "heatmap", "element-wise gradient times activation, summed (Draelos & Carin 2020)",
+          _with_layer(hirescam), needs_layer=True, normalize="minmax"),
+    _spec("eigencam", eigencam, "heatmap", "first principal component of the activations (Muhammad & Yeasin 2020)",
+          _with_layer(eigencam), needs_layer=True, normalize="minmax"),
+    _spec("scorecam", scorecam, "heatmap", "channels weighted by the score of the image they mask (Wang et al. 2020)",
+          _with_layer(scorecam), needs_layer=True, normalize="minmax"),
+    _spec("ablationcam", ablationcam, "heatmap", "channels weighted by the score drop when removed (Desai & Ramaswamy 2020)",
+          _with_layer(ablationcam), needs_layer=True, normalize="minmax"),
+    _spec("fullgrad", fullgrad, "heatmap", "input and bias gradients of every layer (Srinivas & Fleuret 2019)",
+          _no_layer(fullgrad), needs_layer=False, normalize="minmax"),
 ]
 
 #: name -> spec, in display order
