@@ -35,7 +35,8 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 
 def test_registry_has_the_documented_methods() -> None:
     assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
-                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize"]
+                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+                     "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad"]
 
 
 @pytest.mark.parametrize("name", NAMES)

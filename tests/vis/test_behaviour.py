@@ -51,7 +51,8 @@ class LeftHalfNet(nn.Module):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "occlusion", "saliency", "integrated-gradients",
-                                    "smoothgrad", "guided-backprop", "guided-gradcam", "cam"])
+                                    "smoothgrad", "guided-backprop", "guided-gradcam", "cam",
+                                    "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam"])
 def test_maps_put_their_mass_on_the_half_the_model_reads(method: str) -> None:
     model = LeftHalfNet().eval()
     images = torch.rand(3, 1, 12, 20)  # wide image: a height/width mix-up would show
