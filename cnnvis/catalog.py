@@ -2,6 +2,7 @@
 
 The CLI's help lists them before anything heavy loads (``cnnvis.vis`` imports torch);
 ``vis/registry.py`` builds one spec per name and refuses to import if the two lists differ.
+``SLOW_METHODS`` are those ``cnnvis visualize`` leaves out unless asked for (``-m NAME`` or ``-m all``).
 """
 
 METHOD_NAMES: tuple[str, ...] = (
@@ -10,3 +11,17 @@ METHOD_NAMES: tuple[str, ...] = (
     # the CAM family beyond Grad-CAM
     "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad",
 )
+
+#: the ``-m`` value that asks ``cnnvis visualize`` for every method, the slow ones included
+ALL_METHODS = "all"
+
+#: methods ``cnnvis visualize`` draws only when asked for by name or with ``-m all``: name -> why,
+#: with the time measured for its default 8 images on a 2-core CPU (``benchmarks/RESULTS.md``)
+SLOW_METHODS: dict[str, str] = {
+    "maximize": "hundreds of optimisation steps per class: 82 s for the digit net, 178 s for flowers5's resnet_small",
+}
+
+
+def default_methods() -> tuple[str, ...]:
+    """What ``cnnvis visualize`` draws without ``-m``: every method except :data:`SLOW_METHODS`."""
+    return tuple(name for name in METHOD_NAMES if name not in SLOW_METHODS)

@@ -15,7 +15,7 @@ from rich.markup import (
 )
 from typer.core import TyperCommand, TyperGroup
 
-from cnnvis.catalog import METHOD_NAMES
+from cnnvis.catalog import METHOD_NAMES, SLOW_METHODS
 from cnnvis.errors import CnnvisError
 
 
@@ -195,15 +195,22 @@ class Split(str, Enum):
     test = "test"
 
 
+_DEFAULT_SET = (
+    f"Without -m every method is drawn except the slow ones: {'; '.join(f'{k} ({v})' for k, v in SLOW_METHODS.items())}. "
+    "Ask for them by name, or for everything with -m all." if SLOW_METHODS else "Without -m every method is drawn."
+)
+
+
 @app.command(cls=Command, help=(
     "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
     f"Methods: {', '.join(METHOD_NAMES)}.\n\n"
+    f"{_DEFAULT_SET}\n\n"
     "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
 ))
 @friendly_errors
 def visualize(
     source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
-    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="Method to run (repeatable; default: all; the list is above).")] = [],
+    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="Method to run (repeatable; default: all but the slow ones named above; all: every one).")] = [],
     images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
     image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,

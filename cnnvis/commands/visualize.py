@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnvis import plots
+from cnnvis.catalog import ALL_METHODS, default_methods
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
 from cnnvis.device import resolve_device
@@ -116,6 +117,17 @@ def parse_target(text: str, class_names: Sequence[str]) -> str | int:
     raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", f"Classes: {shown}", parameter="target")
 
 
+def select_methods(methods: Sequence[str] | None) -> tuple[list[str], bool]:
+    """``(names to run, whether they were asked for by name)``: none given means every method but
+    :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"`` among them means every method. Only methods
+    asked for by name make an unsupported model an error rather than a skip."""
+    if methods and ALL_METHODS in methods:
+        return list(METHODS), False
+    if methods:
+        return list(dict.fromkeys(methods)), True
+    return list(default_methods()), False
+
+
 # ----------------------------------------------------------------------------------- the run
 
 
@@ -167,10 +179,10 @@ class Visualizer:
     # ------------------------------------------------------------------ public entry
 
     def run_methods(self, methods: Sequence[str] | None = None, layers: Sequence[str] = ()) -> Result:
-        """Run ``methods`` (default: all registered). A method the model cannot support (CAM on a
-        model without GAP + linear head) is skipped with a reason when it was not asked for by name."""
-        explicit = methods is not None and len(methods) > 0
-        names = list(dict.fromkeys(methods)) if explicit else list(METHODS)
+        """Run ``methods`` (default: all registered but :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"``:
+        every one). A method the model cannot support (CAM on a model without GAP + linear head) is
+        skipped with a reason when it was not asked for by name."""
+        names, explicit = select_methods(methods)
         for name in names:
             get_method(name)  # an unknown name fails before any work, listing the valid ones
         for layer in layers:
@@ -371,7 +383,7 @@ def visualize_command(
     on_progress: Callable[[str, float], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
-    every method in ``methods`` (default: all), writing PNGs + sidecars to ``out_dir`` (default
+    every method in ``methods`` (default: all but the slow ones; ``["all"]``: every one), writing PNGs + sidecars to ``out_dir`` (default
     ``RUN/visualizations``) and, with ``tensorboard``, to the run's TensorBoard events.
 
     ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.

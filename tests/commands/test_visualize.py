@@ -15,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from typer.testing import CliRunner
 
 from cnnvis.cli import app
-from cnnvis.commands.visualize import Visualizer, dataset_images, parse_target
+from cnnvis.catalog import SLOW_METHODS, default_methods
+from cnnvis.commands.visualize import Visualizer, dataset_images, parse_target, select_methods
 from cnnvis.config import build_config
 from cnnvis.errors import UnsupportedModelError
 from cnnvis.run import load_run
@@ -77,11 +78,11 @@ def sidecar(png: Path) -> dict:
     return json.loads(png.with_suffix(".json").read_text())
 
 
-def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
+def test_no_options_draws_every_method_but_the_slow_ones_into_the_run_and_tensorboard(run):
     out = invoke(run, "--images", "4")
     folder = run / "visualizations"
-    assert {p.name for p in folder.iterdir()} == set(METHODS)
-    for method in METHODS:
+    assert {p.name for p in folder.iterdir()} == set(METHODS) - set(SLOW_METHODS)
+    for method in default_methods():
         pngs = sorted((folder / method).glob("*.png"))
         assert pngs, method
         for png in pngs:
@@ -89,11 +90,7 @@ def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
                 assert image.format == "PNG" and min(image.size) >= 150, (png, image.size)
             meta = sidecar(png)
             assert meta["method"] == method and meta["checkpoint"].endswith("best.pt") and meta["seed"] == 0
-            assert "parameters" in meta
-            if method == "maximize":  # drawn from noise: no explained images to list
-                assert "images" not in meta and "targets" not in meta
-            else:
-                assert meta["images"][0].startswith("test #")
+            assert "parameters" in meta and meta["images"][0].startswith("test #")
     gradcam = sidecar(folder / "gradcam" / "features.13.png")
     assert gradcam["layer"] == "features.13" and gradcam["target"] == "pred"
     assert gradcam["targets"] == gradcam["predicted"] and len(gradcam["images"]) == len(gradcam["true"])
@@ -102,13 +99,30 @@ def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
     assert occlusion["parameters"]["window"] == [3, 3] and occlusion["parameters"]["incremental"] == "auto"
     assert occlusion["computation"].startswith("incremental (exact")  # or "full forward: <why>"
     assert sidecar(folder / "occlusion" / "predicted-class.png")["computation"] == occlusion["computation"]
-    drawn = sidecar(folder / "maximize" / "classes.png")
-    assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
     assert f"pictures in {folder}" in out
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     tags = set(events.Tags()["images"])
-    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/maximize/classes"} <= tags
+    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/scorecam/features.13"} <= tags
+
+
+def test_a_slow_method_is_drawn_when_asked_for(run):
+    invoke(run, "-m", "maximize", "--images", "2")
+    drawn = sidecar(run / "visualizations" / "maximize" / "classes.png")
+    assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
+    assert "images" not in drawn and "targets" not in drawn  # drawn from noise: no explained images to list
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    assert "visualize/maximize/classes" in set(events.Tags()["images"])
+
+
+def test_which_methods_run_without_m_with_names_and_with_all():
+    assert "maximize" in SLOW_METHODS and SLOW_METHODS["maximize"]  # a reason with the measured time
+    assert select_methods([]) == ([n for n in METHODS if n not in SLOW_METHODS], False)
+    assert select_methods(["maximize", "gradcam", "maximize"]) == (["maximize", "gradcam"], True)
+    assert select_methods(["all"]) == (list(METHODS), False) == select_methods(["gradcam", "all"])
+    help_text = " ".join(CliRunner().invoke(app, ["visualize", "--help"], terminal_width=200).output.split())
+    assert "except the slow ones: maximize (" in help_text and "-m all" in help_text
 
 
 def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
