@@ -160,14 +160,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.images} images, "
           f"min of {args.reps + 1} calls per side")
-    table = []
+    table, headline = [], []
     for kind in args.models:
         model, images, label = load(kind, getattr(args, kind), args.images)
         print(f"{label}, layer {default_layer(model)}, images {tuple(images.shape)}")
         for name, ours, theirs, note in bench(model, images, args.methods, args.batch_sizes, args.reps):
             table.append(f"| {label} | {name} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | {note} |")
+            if name in BATCHED:
+                headline.append(f"{name} {kind} {theirs / ours:.2f}x")
     print("\n| model | method | cnnvis s | pytorch-grad-cam s | speed-up | note |\n|---|---|---|---|---|---|")
     print("\n".join(table))
+    if headline:
+        print(f"speed-up vs pytorch-grad-cam's best batch_size (target >= 1.5x): {', '.join(headline)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ DATA = HERE.parent.parent / "shared" / "data"
 #: script -> (quick arguments, what the quick mode leaves out)
 QUICK: dict[str, tuple[list[str], str]] = {
     "cli_startup.py": (["--runs", "3"], "3 runs per command instead of 7"),
+    "cam_speed.py": (["--models", "mnist", "--reps", "2", "--batch-sizes", "32", "128"],
+                     "random-weight mnist_cnn only, min of 3 calls, pytorch-grad-cam at batch_size 32 and 128"),
     "vis_speed.py": (["--images", "16", "--reps", "2", "--ppe", "32", "128", "--ibs", "0", "--keep", "1"],
                      "16 digits, 2 repetitions, 2 Captum occlusion and 1 IG batch setting"),
     "occlusion_speed.py": (["--only", "mnist", "--images", "16", "--reps", "1", "--ppe", "16", "--keep", "1",

@@ -14,9 +14,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from cnnvis.cli import app
 from cnnvis.catalog import SLOW_METHODS, default_methods
-from cnnvis.commands.visualize import Visualizer, dataset_images, parse_target, select_methods
+from cnnvis.cli import app
+from cnnvis.commands.visualize import (
+    Visualizer,
+    dataset_images,
+    parse_target,
+    select_methods,
+)
 from cnnvis.config import build_config
 from cnnvis.errors import UnsupportedModelError
 from cnnvis.run import load_run
