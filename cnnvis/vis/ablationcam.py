@@ -2,9 +2,12 @@
 Network via Gradient-free Localization", WACV).
 
 Gradient-free: channel ``k`` is weighted by the relative drop of the target's logit when that
-channel of the layer is ablated (eq. 3):
+channel of the layer is ablated:
 
     w_k^c = (Y^c - Y^c_k) / Y^c
+
+(a target logit of exactly 0 makes the weights infinite, as in pytorch-grad-cam; the drawn map then
+says so through :func:`~cnnvis.vis.maps.normalize_maps`'s non-finite warning).
 
 Ablating means setting the channel to 0 when the image's activations reach 0 (after a ReLU), as
 in the paper, and otherwise to ``min(A) - 1e7`` (pytorch-grad-cam's choice for layers with
