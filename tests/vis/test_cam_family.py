@@ -133,3 +133,13 @@ def test_layercam_on_a_shallow_layer_keeps_its_resolution() -> None:
     model = TinyCNN().eval()
     maps = layercam(model, torch.randn(2, 1, 12, 10), 1, "features.2", upsample=False)
     assert maps.shape == (2, 12, 10) and (maps > 0).any()
+
+
+@pytest.mark.parametrize("name", ["cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam",
+                                  "scorecam", "ablationcam", "fullgrad"])
+def test_every_cam_method_takes_aug_smooth(name: str) -> None:
+    from cnnvis.vis import METHODS, run_method
+
+    assert METHODS[name].defaults["aug_smooth"] is False
+    maps = run_method(name, TinyCNN(), torch.randn(2, 1, 12, 10), [1, 2], aug_smooth=True)
+    assert maps.shape == (2, 12, 10) and maps.min() >= 0 and maps.max() <= 1 and (maps > 0).any()
