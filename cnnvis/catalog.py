@@ -18,7 +18,8 @@ ALL_METHODS = "all"
 #: methods ``cnnvis visualize`` draws only when asked for by name or with ``-m all``: name -> why,
 #: with the time measured for its default 8 images on a 2-core CPU (``benchmarks/RESULTS.md``)
 SLOW_METHODS: dict[str, str] = {
-    "maximize": "hundreds of optimisation steps per class: 82 s for the digit net, 178 s for flowers5's resnet_small",
+    "maximize": "hundreds of optimisation steps per class: 82 s for the digit net, 178 s for flowers5's "
+                "resnet_small, on 2 shared CPU cores",
 }
 
 

@@ -122,6 +122,9 @@ def select_methods(methods: Sequence[str] | None) -> tuple[list[str], bool]:
     :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"`` among them means every method. Only methods
     asked for by name make an unsupported model an error rather than a skip."""
     if methods and ALL_METHODS in methods:
+        for name in methods:
+            if name != ALL_METHODS:
+                get_method(name)  # a typo next to "all" still fails, listing the valid names
         return list(METHODS), False
     if methods:
         return list(dict.fromkeys(methods)), True

@@ -23,7 +23,7 @@ from cnnvis.commands.visualize import (
     select_methods,
 )
 from cnnvis.config import build_config
-from cnnvis.errors import UnsupportedModelError
+from cnnvis.errors import UnknownMethodError, UnsupportedModelError
 from cnnvis.run import load_run
 from cnnvis.training.trainer import Trainer
 from cnnvis.vis import METHODS
@@ -126,6 +126,8 @@ def test_which_methods_run_without_m_with_names_and_with_all():
     assert select_methods([]) == ([n for n in METHODS if n not in SLOW_METHODS], False)
     assert select_methods(["maximize", "gradcam", "maximize"]) == (["maximize", "gradcam"], True)
     assert select_methods(["all"]) == (list(METHODS), False) == select_methods(["gradcam", "all"])
+    with pytest.raises(UnknownMethodError, match="gradcan"):
+        select_methods(["all", "gradcan"])
     help_text = " ".join(CliRunner().invoke(app, ["visualize", "--help"], terminal_width=200).output.split())
     assert "except the slow ones: maximize (" in help_text and "-m all" in help_text
 
