@@ -260,7 +260,7 @@ class Visualizer:
     # ------------------------------------------------------------------ one drawing per kind of result
 
     def _heatmaps(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        chosen = (list(layers) or [default_layer(self.run.model)]) if spec.needs_layer else [None]
+        chosen = (list(layers) or [default_layer(self.run.model, self.images)]) if spec.needs_layer else [None]
         params = {"seed": SEED} if "seed" in spec.defaults else {}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
@@ -305,7 +305,7 @@ class Visualizer:
         self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        names = list(layers) or stage_layers(self.run.model)
+        names = list(layers) or stage_layers(self.run.model, images=self.images)
         started = time.perf_counter()
         acts = run_method(spec.name, self.run.model, self.images, self.targets, names)
         acts = {k: v.float().cpu() for k, v in acts.items()}
@@ -320,7 +320,7 @@ class Visualizer:
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         model = self.run.model
-        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model))]))
+        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model, self.images))]))
         for layer in names:
             started = time.perf_counter()
             weights = run_method(spec.name, model, self.images, self.targets, layer).float().cpu()

@@ -15,11 +15,14 @@ user's parameters are never written.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal, Union
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -28,18 +31,23 @@ from torch.utils.hooks import RemovableHandle
 
 from cnnvis.device import eval_mode
 from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
+from cnnvis.vis.layouts import Layout, infer_layout
 
 #: What ``targets`` may be: ``"pred"`` (the model's argmax), one class index for every image,
 #: or one class index per image (list / tuple / 1-D integer tensor).
 Targets = Union[str, int, Sequence[int], Tensor]
 
-# Modules that act element-wise (or per channel) on a conv output; the default layer walks over them
-# so that it lands on "the last conv's activation" rather than on the raw convolution.
+# Modules that act element-wise (or per channel) on a conv output: ``stage_layers`` walks over them
+# so that it lands on "a conv's activation" rather than on the raw convolution.
 _ELEMENTWISE = (
     nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.Identity,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
 )
+_POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.FractionalMaxPool2d)
+_SHOWN_NAMES = 40  #: an unknown layer lists every name of a model with at most this many
 
 
 # --------------------------------------------------------------------------- layers
@@ -49,52 +57,156 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``, ``"features.13"``)."""
+    """The submodule called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``, ``"features.13"``).
+
+    An unknown name raises :class:`LayerNotFoundError` naming the closest valid names first."""
+    names = layer_names(model)
     if not isinstance(name, str) or not name:
-        raise LayerNotFoundError(f"layer must be a non-empty submodule name, got {name!r}; "
-                                 f"valid layer names: {', '.join(layer_names(model))}")
+        raise LayerNotFoundError(f"layer must be a non-empty submodule name, got {name!r}; {_listing(names)}")
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise LayerNotFoundError(
-            f"no layer {name!r} in {type(model).__name__}; valid layer names: {', '.join(layer_names(model))}"
-        ) from None
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        guess = f"did you mean {', '.join(near)}? " if near else ""
+        raise LayerNotFoundError(f"no layer {name!r} in {type(model).__name__}; {guess}{_listing(names)}") from None
 
 
-def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+def _listing(names: list[str]) -> str:
+    if len(names) <= _SHOWN_NAMES:
+        return f"valid layer names: {', '.join(names)}"
+    return f"{len(names)} layer names in all (cnnvis.vis.layer_names(model) or `cnnvis summary` lists them)"
 
 
 def _is_flat_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and all(not any(True for _ in c.children()) for c in module.children())
 
 
-def default_layer(model: nn.Module) -> str:
-    """The layer CAM-family methods and ``activations`` use when none is given.
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
 
-    Rule: take the model's last direct child (in registration order) that contains an ``nn.Conv2d``.
-    If that child is a flat ``nn.Sequential`` of plain layers (a conv stack such as
-    ``MnistCNN.features``) look inside it the same way; if the pick is a ``Conv2d`` itself, step
-    forward over the element-wise modules registered right after it (BatchNorm, ReLU, Tanh ...),
-    so the result is the last conv's activation. A child with nested blocks is returned whole.
-    Results: ``layer4`` for torchvision ResNets, ``features.13`` (last ReLU) for ``mnist_cnn``,
-    ``features.6`` (last Tanh) for ``mnist_classic``.
+
+@dataclass
+class _Call:
+    """One module call seen by the probe: when it started and ended, what it got and gave."""
+
+    name: str
+    module: nn.Module
+    start: int
+    end: int = -1
+    output: Tensor | None = None
+    input_shape: tuple[int, ...] | None = None
+
+
+def _probe(model: nn.Module, sample: Tensor) -> list[_Call]:
+    """Every module call of one forward pass of ``sample``, in the order the calls ended."""
+    clock, ended, open_calls = [0], [], {}
+
+    def pre(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            call = _Call(name, module, clock[0], input_shape=tuple(first.shape) if first is not None else None)
+            open_calls.setdefault(name, []).append(call)
+            clock[0] += 1
+        return hook
+
+    def post(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_m: nn.Module, _args: tuple, out: object) -> None:
+            call = open_calls[name].pop()
+            call.end, clock[0] = clock[0], clock[0] + 1
+            call.output = out if isinstance(out, Tensor) else None
+            ended.append(call)
+        return hook
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    register = [lambda n=n, m=m: m.register_forward_pre_hook(pre(n, m)) for n, m in named]
+    register += [lambda n=n, m=m: m.register_forward_hook(post(n)) for n, m in named]
+    with model_state(model, grad=False), temporary_hooks(register):
+        try:
+            model(as_input(sample, requires_grad=False))
+        except Exception as exc:
+            raise UnsupportedModelError(f"{type(model).__name__} cannot run a {list(sample.shape)} input "
+                                        f"({type(exc).__name__}: {exc}); pass images or a layer name") from exc
+    return ended
+
+
+def _sample_input(model: nn.Module) -> Tensor:
+    """One zero image of the size the model declares (``model.image_size`` as in a torchvision ViT, timm's
+    ``patch_embed.img_size`` or ``pretrained_cfg``), else 224 x 224, with the first convolution's channels."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Conv2d layer to tell its input; "
+                                    "pass images or a layer name")
+    cfg = getattr(model, "pretrained_cfg", None)
+    declared = (getattr(model, "image_size", None), getattr(getattr(model, "patch_embed", None), "img_size", None),
+                cfg.get("input_size", (None,))[1:] if isinstance(cfg, dict) else None)
+    size = next((s for s in declared if s), 224)
+    side = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.zeros(1, conv.in_channels, *side, device=conv.weight.device)
+
+
+_DEFAULTS: WeakKeyDictionary[nn.Module, dict[tuple, str]] = WeakKeyDictionary()
+
+
+def default_layer(model: nn.Module, images: Tensor | None = None) -> str:
+    """The layer CAM-family methods, ``activations`` and the trust checks use when none is given.
+
+    Found by one probing forward pass of ``images[:1]`` (without ``images``: a zero image of the
+    size the model declares, else 224 x 224) that notes every module call in execution order:
+
+    * **Transformers** (a module called ``*Attention*`` or ``nn.MultiheadAttention`` run on tokens
+      ``[N, T, C]`` or on a channels-last map): the output that feeds the *last* attention, i.e. the
+      last block's first norm (``encoder.layers[-1].ln_1`` in a torchvision ViT, ``blocks[-1].norm1``
+      in timm, ``layers[-1].blocks[-1].norm1`` in a timm Swin), as pytorch-grad-cam recommends. Later
+      outputs do not work in a ViT: only the class token reaches the head after the last attention,
+      so the gradient on every patch token of the last block's output or the final norm is zero and
+      Grad-CAM would be blank; the last attention is where patch tokens still feed the class token.
+    * **CNNs**: the last output in execution order that is a spatial map ``[N, C, h, w]`` with
+      ``h, w > 1`` (``>= 1`` if there is none), not made by a pooling layer -- the features right
+      before the pooling and flatten that feed the head. Of the modules that return that same tensor
+      the outermost is named (a whole stage: ``layer4`` of a ResNet, ``features`` of MobileNet or
+      DenseNet, whose final ReLU is functional), unless it is a flat ``nn.Sequential`` of plain
+      layers; then the layer inside is named (``features.13`` of ``mnist_cnn``, the last ReLU of VGG).
+
+    Token and channels-last outputs are read as maps by :mod:`cnnvis.vis.layouts`. The answer is
+    cached per model, input shape and module structure.
     """
-    container, prefix = model, ""
-    while True:
-        children = list(container.named_children())
-        conv_idx = [i for i, (_, child) in enumerate(children) if _has_conv(child)]
-        if not conv_idx:
-            raise UnsupportedModelError(f"{type(model).__name__} has no nn.Conv2d layer; pass a layer name explicitly")
-        i = conv_idx[-1]
-        name, child = children[i]
-        if isinstance(child, nn.Conv2d):
-            while i + 1 < len(children) and isinstance(children[i + 1][1], _ELEMENTWISE):
-                i += 1
-            return prefix + children[i][0]
-        if not _is_flat_sequential(child):
-            return prefix + name
-        container, prefix = child, f"{prefix}{name}."
+    sample = (images[:1] if images is not None else _sample_input(model)).detach()
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device, tuple(map(id, model.modules())))
+    cached = _DEFAULTS.setdefault(model, {})
+    if key not in cached:
+        cached.clear()  # one entry: a new shape or a changed model makes the old answer useless
+        cached[key] = _choose_layer(model, _probe(model, sample), tuple(sample.shape[-2:]))
+    return cached[key]
+
+
+def _choose_layer(model: nn.Module, calls: list[_Call], image: tuple[int, int]) -> str:
+    def layout(call: _Call) -> Layout:
+        return infer_layout(model, call.module, tuple(call.output.shape), 1, image)  # type: ignore[union-attr]
+
+    outputs = [c for c in calls if c.output is not None]
+    pooled = {id(c.output) for c in outputs if isinstance(c.module, _POOLING)}
+    maps = [(c, layout(c)) for c in outputs if id(c.output) not in pooled]
+    attention = [c for c in calls if _is_attention(c.module) and c.input_shape is not None
+                 and (len(c.input_shape) == 3 or (len(c.input_shape) == 4 and infer_layout(
+                     model, None, c.input_shape, None, image).kind == "channels_last"))]
+    if attention:
+        last = max(attention, key=lambda c: c.start)
+        feeding = [c for c, lay in maps if c.end < last.start and lay.is_map]
+        if feeding:
+            return _outermost(feeding[-1], outputs)
+    spatial = [(c, lay.map_shape()) for c, lay in maps if lay.kind == "channels_first" and len(lay.shape) == 4]
+    found = [c for c, s in spatial if s[2] > 1 and s[3] > 1] or [c for c, _ in spatial]
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} makes no spatial feature map [N, C, h, w] or token "
+                                    f"grid for a {image[0]}x{image[1]} input; pass a layer name")
+    return _outermost(found[-1], outputs)
+
+
+def _outermost(call: _Call, outputs: list[_Call]) -> str:
+    """Of the modules that returned ``call``'s tensor (a block, its last layer, an in-place ReLU),
+    the last to finish that is not a flat Sequential of plain layers."""
+    same = [c for c in outputs if c.output is call.output and not _is_flat_sequential(c.module)]
+    return max(same, key=lambda c: c.end).name if same else call.name
 
 
 # --------------------------------------------------------------------------- targets and inputs
@@ -198,28 +310,40 @@ class Capture:
     when the layer ran: detached, or a differentiable copy with ``live=True``. With ``grads=True``
     :meth:`gradients` returns d(score)/d(that tensor). If a layer runs several times per forward
     (a reused module) the last call counts and a warning says so.
+
+    Values and gradients come as maps ``[N, C, h, w]`` where the layer's output can be read as one
+    (:mod:`cnnvis.vis.layouts`): a transformer's tokens ``[N, P + h*w, C]`` lose their prefix tokens
+    and take the patch grid, channels-last ``[N, h, w, C]`` maps are permuted. Other shapes (a
+    linear layer's ``[N, K]``) come as they are; ``layouts[name]`` says which and, if not a map, why.
     """
 
-    def __init__(self, names: Sequence[str], grads: bool, live: bool) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], grads: bool, live: bool) -> None:
         self.names = list(names)
+        self._model = model
         self._grads = grads
         self._live = live
         self.values: dict[str, Tensor] = {}
+        self.layouts: dict[str, Layout] = {}
         self._edges: dict[str, GradientEdge] = {}
         self._calls: Counter[str] = Counter()
         self._warned: set[str] = set()
+        self._input: tuple[int | None, tuple[int, int] | None] = (None, None)
 
-    def _new_pass(self) -> None:
-        """Called by a pre-hook on the model at the start of every forward pass."""
+    def _new_pass(self, args: tuple) -> None:
+        """Called by a pre-hook on the model at the start of every forward pass, with its arguments."""
         self._calls.clear()
         self.values.clear()
         self._edges.clear()
+        x = args[0] if args else None
+        # the batch and image size tell a token grid or a channels-last map from other shapes
+        self._input = (x.shape[0], tuple(x.shape[-2:])) if isinstance(x, Tensor) and x.ndim == 4 else (None, None)
 
-    def _record(self, name: str, tensor: object) -> None:
+    def _record(self, name: str, tensor: object, module: nn.Module | None) -> None:
         if not isinstance(tensor, Tensor):
             raise UnsupportedModelError(f"layer {name!r} produced a {type(tensor).__name__}, not a tensor")
         self._calls[name] += 1
-        self.values[name] = tensor.clone() if self._live else tensor.detach().clone()
+        layout = self.layouts[name] = infer_layout(self._model, module, tuple(tensor.shape), *self._input)
+        self.values[name] = layout.to_map(tensor.clone() if self._live else tensor.detach().clone())
         if self._grads and tensor.requires_grad:
             self._edges[name] = get_gradient_edge(tensor)
 
@@ -243,11 +367,12 @@ class Capture:
         for name, g in zip(self.names, grads):
             if g is None:
                 raise VisError(f"the target score does not depend on layer {name!r}; pick a layer before the output")
-            out[name] = g
+            out[name] = self.layouts[name].to_map(g)
         return out
 
     def clear(self) -> None:
         self.values.clear()
+        self.layouts.clear()
         self._edges.clear()
 
 
@@ -264,18 +389,20 @@ def capture(
 
     Wraps :func:`model_state` (eval mode, autograd on iff ``grads`` or ``live``), validates the names
     before touching the model, and removes its hooks and drops every recorded tensor on exit.
+    Values and gradients are read as ``[N, C, h, w]`` maps where possible (see :class:`Capture`).
     """
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = [get_layer(model, n) for n in names]
-    cap = Capture(names, grads=grads, live=live)
+    cap = Capture(model, names, grads=grads, live=live)
 
     def output_hook(name: str) -> Callable[[nn.Module, tuple, object], None]:
-        return lambda _m, _args, out: cap._record(name, out)
+        return lambda m, _args, out: cap._record(name, out, m)
 
     def input_hook(name: str) -> Callable[[nn.Module, tuple], None]:
-        return lambda _m, args: cap._record(name, args[0] if args else None)
+        return lambda _m, args: cap._record(name, args[0] if args else None, None)
 
-    register: list[Callable[[], RemovableHandle]] = [lambda: model.register_forward_pre_hook(lambda *_: cap._new_pass())]
+    register: list[Callable[[], RemovableHandle]] = [
+        lambda: model.register_forward_pre_hook(lambda _m, args: cap._new_pass(args))]
     for name, module in zip(names, modules):
         if where == "output":
             register.append(lambda m=module, n=name: m.register_forward_hook(output_hook(n)))
