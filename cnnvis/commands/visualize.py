@@ -167,8 +167,10 @@ class Visualizer:
     # ------------------------------------------------------------------ public entry
 
     def run_methods(self, methods: Sequence[str] | None = None, layers: Sequence[str] = ()) -> Result:
-        """Run ``methods`` (default: all registered). A method the model cannot support (CAM on a
-        model without GAP + linear head) is skipped with a reason when it was not asked for by name."""
+        """Run ``methods`` (default: all registered). A method the model or layer cannot support (CAM
+        without a GAP + linear head, guided backprop without ReLUs, a CAM on a layer that is no map)
+        is skipped with its one-line reason in ``result.skipped`` and the others are drawn; only when
+        every method asked for by name is unsupported does the first one's error propagate."""
         explicit = methods is not None and len(methods) > 0
         names = list(dict.fromkeys(methods)) if explicit else list(METHODS)
         for name in names:
@@ -177,6 +179,7 @@ class Visualizer:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
                 "images": self._maximize}
+        unsupported: list[UnsupportedModelError] = []
         for index, name in enumerate(names):
             spec = METHODS[name]
             self._part = (0, 1)
@@ -185,13 +188,16 @@ class Visualizer:
                 with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
                     draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
-                if explicit:
-                    raise
                 self.result.skipped.append(Skipped(name, str(exc)))
+                unsupported.append(exc)
             except KeyboardInterrupt:  # keep what is drawn; say what is not
                 self.result.interrupted, self.result.not_run = name, names[index + 1:]
                 break
             self.on_progress(name, 1.0)
+        if explicit and len(unsupported) == len(names):  # nothing asked for can be drawn: an error, not an empty result
+            if len(unsupported) == 1:
+                raise unsupported[0]
+            raise UnsupportedModelError("; ".join(f"{s.method}: {s.reason.rstrip('.')}" for s in self.result.skipped))
         return self.result
 
     def _report(self, method: str, done: int, total: int) -> None:

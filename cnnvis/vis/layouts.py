@@ -145,4 +145,4 @@ def infer_layout(
         aspect = "a square" if image is None or image[0] == image[1] else f"a {image[0]}:{image[1]}"
         prefixes = f"{known} prefix token(s)" if known is not None else f"0 to {MAX_PREFIX} prefix tokens"
         return Layout("other", shape, reason=f"its {tokens} tokens minus {prefixes} do not form {aspect} grid")
-    return Layout("other", shape, reason="it is not a spatial map or a token sequence")
+    return Layout("other", shape)
