@@ -121,11 +121,7 @@ def _probe(model: nn.Module, sample: Tensor) -> list[_Call]:
     register = [lambda n=n, m=m: m.register_forward_pre_hook(pre(n, m)) for n, m in named]
     register += [lambda n=n, m=m: m.register_forward_hook(post(n)) for n, m in named]
     with model_state(model, grad=False), temporary_hooks(register):
-        try:
-            model(as_input(sample, requires_grad=False))
-        except Exception as exc:
-            raise UnsupportedModelError(f"{type(model).__name__} cannot run a {list(sample.shape)} input "
-                                        f"({type(exc).__name__}: {exc}); pass images or a layer name") from exc
+        model(as_input(sample, requires_grad=False))
     return ended
 
 
@@ -174,8 +170,15 @@ def default_layer(model: nn.Module, images: Tensor | None = None) -> str:
     key = (tuple(sample.shape[1:]), sample.dtype, sample.device, tuple(map(id, model.modules())))
     cached = _DEFAULTS.setdefault(model, {})
     if key not in cached:
+        try:
+            calls = _probe(model, sample)
+        except Exception as exc:
+            if images is not None:
+                raise  # the model fails on the caller's own images: its error, as it is
+            raise UnsupportedModelError(f"{type(model).__name__} cannot run a {list(sample.shape)} sample input "
+                                        f"({type(exc).__name__}: {exc}); pass images or a layer name") from exc
         cached.clear()  # one entry: a new shape or a changed model makes the old answer useless
-        cached[key] = _choose_layer(model, _probe(model, sample), tuple(sample.shape[-2:]))
+        cached[key] = _choose_layer(model, calls, tuple(sample.shape[-2:]))
     return cached[key]
 
 
