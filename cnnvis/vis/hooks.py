@@ -60,12 +60,13 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The submodule called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``, ``"features.13"``).
 
     An unknown name raises :class:`LayerNotFoundError` naming the closest valid names first."""
-    names = layer_names(model)
     if not isinstance(name, str) or not name:
-        raise LayerNotFoundError(f"layer must be a non-empty submodule name, got {name!r}; {_listing(names)}")
+        raise LayerNotFoundError(f"layer must be a non-empty submodule name, got {name!r}; "
+                                 f"{_listing(layer_names(model))}")
     try:
         return model.get_submodule(name)
     except AttributeError:
+        names = layer_names(model)
         near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
         guess = f"did you mean {', '.join(near)}? " if near else ""
         raise LayerNotFoundError(f"no layer {name!r} in {type(model).__name__}; {guess}{_listing(names)}") from None

@@ -42,6 +42,14 @@ def test_default_layer_for_a_plain_sequential_and_errors() -> None:
         default_layer(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)))
 
 
+def test_the_probe_leaves_the_model_as_it_was() -> None:
+    model = mixed_state(TinyCNN())
+    before = snapshot(model)
+    with torch.inference_mode():
+        assert default_layer(model, torch.randn(3, 1, 8, 8)) == "features.6"
+    assert_untouched(model, before)  # hooks gone, train/eval per submodule, requires_grad, BN statistics
+
+
 def test_default_layer_follows_execution_order_not_registration_order() -> None:
     class Backwards(nn.Module):  # registers its head first and its stem last
         def __init__(self) -> None:
