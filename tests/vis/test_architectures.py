@@ -166,6 +166,10 @@ def test_token_grids_follow_the_image_aspect_and_refuse_clearly() -> None:
     assert infer_layout(wide, nn.LayerNorm(2), (1, 2, 2, 2), 1, (32, 32)).kind == "channels_last"
     assert infer_layout(wide, nn.Conv2d(2, 2, 1), (1, 2, 2, 2), 1, (32, 32)).kind == "channels_first"
     model, square = model_for("vit")
+    # each patch token lands where its patch is: the encoder's input is the patch embedding plus positions
+    got = activations(model, square, ["conv_proj", "encoder.dropout"])
+    positions = model.encoder.pos_embedding[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got["encoder.dropout"] - positions, got["conv_proj"], rtol=1e-5, atol=1e-5)
     model.num_prefix_tokens = 2  # a wrong declaration: 17 tokens - 2 is no grid
     try:
         with pytest.raises(UnsupportedModelError, match=r"layer 'encoder.layers.encoder_layer_1.ln_1' outputs shape "
