@@ -14,8 +14,8 @@ layer and forward pass from the output shape, the input image size and what the 
 
 Rules (``image`` is the model input's ``H x W``):
 
-* 4-D ``[N, a, b, c]``: channels last if ``a x b`` has the image's aspect (the same stride on both
-  axes) better than ``b x c`` does, else channels first; when both fit as well (a square image and
+* 4-D ``[N, a, b, c]``: channels last if ``a x b`` is the image at one stride on both axes (up to
+  rounding) and fits its aspect better than ``b x c`` does, else channels first; when both fit as well (a square image and
   ``a == b == c``) the layer decides: a ``LayerNorm`` or ``Linear`` over the last dimension makes it
   channels last.
 * 3-D ``[N, T, C]`` (batch first, channels last, prefix tokens first): ``T - P`` patch tokens must
@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 Kind = Literal["channels_first", "channels_last", "tokens", "other"]
 MAX_PREFIX = 16  #: prefix tokens tried when the model does not declare its count (class + distillation + registers)
-_STRIDE_TOLERANCE = 4 / 3  #: padded or rounded strides may differ this much between the axes
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,14 @@ class Layout:
 
 
 def _stride_mismatch(h: int, w: int, image: tuple[int, int]) -> float:
-    """How far ``h x w`` is from the image scaled by one factor on both axes (0: exactly; inf: no)."""
+    """How far ``h x w`` is from the image's aspect (0: exactly), or inf when no one stride gives
+    ``h`` rows and ``w`` columns of the image, rounding up or down (padded and strided layers do)."""
     if h < 1 or w < 1:
         return math.inf
-    mismatch = abs(math.log(image[0] * w / (image[1] * h)))
-    return mismatch if mismatch <= math.log(_STRIDE_TOLERANCE) else math.inf
+    (rows, cols), inf = image, math.inf
+    lowest = max(rows / (h + 1), cols / (w + 1))
+    highest = min(rows / (h - 1) if h > 1 else inf, cols / (w - 1) if w > 1 else inf)
+    return abs(math.log(rows * w / (cols * h))) if lowest < highest else inf
 
 
 def _same_stride(h: int, w: int, image: tuple[int, int]) -> bool:

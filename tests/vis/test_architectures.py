@@ -165,6 +165,10 @@ def test_token_grids_follow_the_image_aspect_and_refuse_clearly() -> None:
     assert infer_layout(wide, None, (1, 32, 4, 6), 1, (32, 48)).kind == "channels_first"
     assert infer_layout(wide, nn.LayerNorm(2), (1, 2, 2, 2), 1, (32, 32)).kind == "channels_last"
     assert infer_layout(wide, nn.Conv2d(2, 2, 1), (1, 2, 2, 2), 1, (32, 32)).kind == "channels_first"
+    # strides that round (a ResNet's 40 x 32 input gives 2 x 1; a Swin's 224 x 200 gives 7 x 6)
+    assert infer_layout(wide, None, (1, 512, 2, 1), 1, (40, 32)).kind == "channels_first"
+    assert infer_layout(wide, None, (1, 7, 6, 768), 1, (224, 200)).kind == "channels_last"
+    assert infer_layout(wide, None, (1, 28, 28, 29), 1, (224, 224)).kind == "channels_last"
     model, square = model_for("vit")
     # each patch token lands where its patch is: the encoder's input is the patch embedding plus positions
     got = activations(model, square, ["conv_proj", "encoder.dropout"])
