@@ -20,7 +20,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Literal, Union
 from weakref import WeakKeyDictionary
 
@@ -31,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from cnnvis.device import eval_mode
 from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
+from cnnvis.vis.layer_rule import Call, choose_layer
 from cnnvis.vis.layouts import Layout, infer_layout
 
 #: What ``targets`` may be: ``"pred"`` (the model's argmax), one class index for every image,
@@ -44,9 +44,6 @@ _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
 )
-_POOLING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-            nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.FractionalMaxPool2d)
 _SHOWN_NAMES = 40  #: an unknown layer lists every name of a model with at most this many
 
 
@@ -78,34 +75,14 @@ def _listing(names: list[str]) -> str:
     return f"{len(names)} layer names in all (cnnvis.vis.layer_names(model) or `cnnvis summary` lists them)"
 
 
-def _is_flat_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and all(not any(True for _ in c.children()) for c in module.children())
-
-
-def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
-
-
-@dataclass
-class _Call:
-    """One module call seen by the probe: when it started and ended, what it got and gave."""
-
-    name: str
-    module: nn.Module
-    start: int
-    end: int = -1
-    output: Tensor | None = None
-    input_shape: tuple[int, ...] | None = None
-
-
-def _probe(model: nn.Module, sample: Tensor) -> list[_Call]:
+def _probe(model: nn.Module, sample: Tensor) -> list[Call]:
     """Every module call of one forward pass of ``sample``, in the order the calls ended."""
     clock, ended, open_calls = [0], [], {}
 
     def pre(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
         def hook(_m: nn.Module, args: tuple) -> None:
             first = args[0] if args and isinstance(args[0], Tensor) else None
-            call = _Call(name, module, clock[0], input_shape=tuple(first.shape) if first is not None else None)
+            call = Call(name, module, clock[0], input_shape=tuple(first.shape) if first is not None else None)
             open_calls.setdefault(name, []).append(call)
             clock[0] += 1
         return hook
@@ -179,38 +156,8 @@ def default_layer(model: nn.Module, images: Tensor | None = None) -> str:
             raise UnsupportedModelError(f"{type(model).__name__} cannot run a {list(sample.shape)} sample input "
                                         f"({type(exc).__name__}: {exc}); pass images or a layer name") from exc
         cached.clear()  # one entry: a new shape or a changed model makes the old answer useless
-        cached[key] = _choose_layer(model, calls, tuple(sample.shape[-2:]))
+        cached[key] = choose_layer(model, calls, tuple(sample.shape[-2:]))
     return cached[key]
-
-
-def _choose_layer(model: nn.Module, calls: list[_Call], image: tuple[int, int]) -> str:
-    def layout(call: _Call) -> Layout:
-        return infer_layout(model, call.module, tuple(call.output.shape), 1, image)  # type: ignore[union-attr]
-
-    outputs = [c for c in calls if c.output is not None]
-    pooled = {id(c.output) for c in outputs if isinstance(c.module, _POOLING)}
-    maps = [(c, layout(c)) for c in outputs if id(c.output) not in pooled]
-    attention = [c for c in calls if _is_attention(c.module) and c.input_shape is not None
-                 and (len(c.input_shape) == 3 or (len(c.input_shape) == 4 and infer_layout(
-                     model, None, c.input_shape, None, image).kind == "channels_last"))]
-    if attention:
-        last = max(attention, key=lambda c: c.start)
-        feeding = [c for c, lay in maps if c.end < last.start and lay.is_map]
-        if feeding:
-            return _outermost(feeding[-1], outputs)
-    spatial = [(c, lay.map_shape()) for c, lay in maps if lay.kind == "channels_first" and len(lay.shape) == 4]
-    found = [c for c, s in spatial if s[2] > 1 and s[3] > 1] or [c for c, _ in spatial]
-    if not found:
-        raise UnsupportedModelError(f"{type(model).__name__} makes no spatial feature map [N, C, h, w] or token "
-                                    f"grid for a {image[0]}x{image[1]} input; pass a layer name")
-    return _outermost(found[-1], outputs)
-
-
-def _outermost(call: _Call, outputs: list[_Call]) -> str:
-    """Of the modules that returned ``call``'s tensor (a block, its last layer, an in-place ReLU),
-    the last to finish that is not a flat Sequential of plain layers."""
-    same = [c for c in outputs if c.output is call.output and not _is_flat_sequential(c.module)]
-    return max(same, key=lambda c: c.end).name if same else call.name
 
 
 # --------------------------------------------------------------------------- targets and inputs
