@@ -79,9 +79,10 @@ def _probe(model: nn.Module, sample: Tensor) -> list[Call]:
     """Every module call of one forward pass of ``sample``, in the order the calls ended."""
     clock, ended, open_calls = [0], [], {}
 
-    def pre(name: str, module: nn.Module) -> Callable[[nn.Module, tuple], None]:
-        def hook(_m: nn.Module, args: tuple) -> None:
-            first = args[0] if args and isinstance(args[0], Tensor) else None
+    def pre(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            # attention is often called by keyword (query=x); its first tensor tells tokens from maps
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
             call = Call(name, module, clock[0], input_shape=tuple(first.shape) if first is not None else None)
             open_calls.setdefault(name, []).append(call)
             clock[0] += 1
@@ -96,7 +97,7 @@ def _probe(model: nn.Module, sample: Tensor) -> list[Call]:
         return hook
 
     named = [(n, m) for n, m in model.named_modules() if n]
-    register = [lambda n=n, m=m: m.register_forward_pre_hook(pre(n, m)) for n, m in named]
+    register = [lambda n=n, m=m: m.register_forward_pre_hook(pre(n, m), with_kwargs=True) for n, m in named]
     register += [lambda n=n, m=m: m.register_forward_hook(post(n)) for n, m in named]
     with model_state(model, grad=False), temporary_hooks(register):
         model(as_input(sample, requires_grad=False))

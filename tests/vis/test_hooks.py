@@ -70,6 +70,32 @@ def test_default_layer_follows_execution_order_not_registration_order() -> None:
     assert default_layer(model, torch.randn(1, 1, 8, 8)) == "deep.3"
 
 
+def test_a_transformer_calling_its_attention_by_keyword_gets_the_norm_before_it() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(x)
+            return x + self.attn(query=y, key=y, value=y, need_weights=False)[0]
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patches = nn.Conv2d(3, 8, 4, stride=4)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.blocks(self.patches(x).flatten(2).transpose(1, 2))
+            return self.head(tokens.mean(dim=1))
+
+    model = Tiny()
+    assert default_layer(model, torch.randn(1, 3, 16, 16)) == "blocks.1.norm"  # not the patch embedding
+
+
 def test_unknown_layer_names_the_nearest_ones_first() -> None:
     model = build_model("mnist_cnn", 10)
     with pytest.raises(LayerNotFoundError) as info:
