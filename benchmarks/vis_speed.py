@@ -210,7 +210,7 @@ def build_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, dev
     gpu = device.type == "cuda"
     loose = args.tf32 and gpu
     tol = (lambda r, a: (1e-2, 1e-2)) if loose else (lambda r, a: (r, a))  # noqa: E731
-    layer_name = default_layer(model)
+    layer_name = default_layer(model, x)
     layer = model.get_submodule(layer_name)
     h, w = x.shape[-2:]
 

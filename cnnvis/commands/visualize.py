@@ -167,8 +167,10 @@ class Visualizer:
     # ------------------------------------------------------------------ public entry
 
     def run_methods(self, methods: Sequence[str] | None = None, layers: Sequence[str] = ()) -> Result:
-        """Run ``methods`` (default: all registered). A method the model cannot support (CAM on a
-        model without GAP + linear head) is skipped with a reason when it was not asked for by name."""
+        """Run ``methods`` (default: all registered). A method the model or layer cannot support (CAM
+        without a GAP + linear head, guided backprop without ReLUs, a CAM on a layer that is no map)
+        is skipped with its one-line reason in ``result.skipped`` and the others are drawn; only when
+        every method asked for by name is unsupported does the first one's error propagate."""
         explicit = methods is not None and len(methods) > 0
         names = list(dict.fromkeys(methods)) if explicit else list(METHODS)
         for name in names:
@@ -177,6 +179,7 @@ class Visualizer:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
                 "images": self._maximize}
+        unsupported: list[UnsupportedModelError] = []
         for index, name in enumerate(names):
             spec = METHODS[name]
             self._part = (0, 1)
@@ -185,13 +188,16 @@ class Visualizer:
                 with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
                     draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
-                if explicit:
-                    raise
                 self.result.skipped.append(Skipped(name, str(exc)))
+                unsupported.append(exc)
             except KeyboardInterrupt:  # keep what is drawn; say what is not
                 self.result.interrupted, self.result.not_run = name, names[index + 1:]
                 break
             self.on_progress(name, 1.0)
+        if explicit and len(unsupported) == len(names):  # nothing asked for can be drawn: an error, not an empty result
+            if len(unsupported) == 1:
+                raise unsupported[0]
+            raise UnsupportedModelError("; ".join(f"{s.method}: {s.reason.rstrip('.')}" for s in self.result.skipped))
         return self.result
 
     def _report(self, method: str, done: int, total: int) -> None:
@@ -260,7 +266,7 @@ class Visualizer:
     # ------------------------------------------------------------------ one drawing per kind of result
 
     def _heatmaps(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        chosen = (list(layers) or [default_layer(self.run.model)]) if spec.needs_layer else [None]
+        chosen = (list(layers) or [default_layer(self.run.model, self.images)]) if spec.needs_layer else [None]
         params = {"seed": SEED} if "seed" in spec.defaults else {}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
@@ -305,7 +311,7 @@ class Visualizer:
         self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        names = list(layers) or stage_layers(self.run.model)
+        names = list(layers) or stage_layers(self.run.model, images=self.images)
         started = time.perf_counter()
         acts = run_method(spec.name, self.run.model, self.images, self.targets, names)
         acts = {k: v.float().cpu() for k, v in acts.items()}
@@ -320,7 +326,7 @@ class Visualizer:
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         model = self.run.model
-        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model))]))
+        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model, self.images))]))
         for layer in names:
             started = time.perf_counter()
             weights = run_method(spec.name, model, self.images, self.targets, layer).float().cpu()

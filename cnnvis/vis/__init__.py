@@ -9,7 +9,10 @@ Where things are:
 
 * ``registry.py``   -- ``METHODS`` (name -> :class:`MethodSpec`) and ``run_method(name, model, images, targets, layer, **params)``
 * ``hooks.py``      -- the shared helper: ``capture`` (forward hooks + gradients), ``model_state``,
-  ``get_layer`` / ``default_layer`` / ``layer_names``, ``resolve_targets``
+  ``get_layer`` / ``default_layer`` (found by a probing forward pass) / ``layer_names``, ``resolve_targets``
+* ``layouts.py``    -- how a layer's output reads as ``[N, C, h, w]``: transformer tokens on their patch
+  grid, channels-last maps permuted (``capture`` applies it to values and gradients);
+  ``layer_rule.py`` the default-layer rule over the probed calls
 * ``maps.py``       -- ``normalize_maps`` (the one normalisation for display), ``reduce_channels``,
   ``upsample``, ``gaussian_blur``
 * ``batching.py``   -- the one rule for how many samples go through the model per pass

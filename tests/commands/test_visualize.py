@@ -201,6 +201,19 @@ def test_cam_needs_a_gap_linear_head(tmp_path):
     loaded = load_run(run_dir)
     with pytest.raises(UnsupportedModelError):
         Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "out").run_methods(["cam"])
+    # named with others, an unsupported method is one line and the others are drawn
+    out = invoke(run_dir, "--images", "2", "--no-tensorboard", "-m", "cam", "-m", "saliency", "--out", tmp_path / "both")
+    assert out.count("skipped cam: CAM needs a model ending in global average pooling") == 1
+    assert (tmp_path / "both" / "saliency" / "saliency.png").is_file() and not (tmp_path / "both" / "cam").exists()
+    result = Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "lib").run_methods(
+        ["cam", "gradcam", "saliency"], ["classifier.1"])  # a Linear layer: no map for Grad-CAM either
+    assert [s.method for s in result.skipped] == ["cam", "gradcam"]
+    assert [w.method for w in result.written] == ["saliency"]
+    # every method named is unsupported: one error naming each
+    visualizer = Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "none")
+    with pytest.raises(UnsupportedModelError, match=r"^cam: CAM needs .* instead; gradcam: layer 'classifier.1' outputs shape \[2, 128\], not a spatial map"):
+        visualizer.run_methods(["cam", "gradcam"], ["classifier.1"])
+    assert "\n" not in str(visualizer.result.skipped)
 
 
 def test_visualizing_leaves_the_model_as_it_was(trained, tmp_path):
