@@ -216,10 +216,11 @@ def check_rule_applied(mode: RectifierMode, model: nn.Module) -> None:
             "it would be a plain gradient. Use 'saliency' instead."
         )
     if mode.plain:
-        applied, plain = mode.applied, mode.plain
+        applied, plain = sum(mode.applied.values()), sum(mode.plain.values())
         warnings.warn(
-            f"{title} applied at {sum(applied.values())} {'/'.join(applied)} calls; {_counts(plain)} "
-            f"call{'s' if sum(plain.values()) > 1 else ''} pass the plain gradient (no {title} rule for them)",
+            f"{title} applied at {applied} {'/'.join(mode.applied)} call{'s' if applied > 1 else ''}; "
+            f"{_counts(mode.plain)} call{'s pass' if plain > 1 else ' passes'} the plain gradient "
+            f"(no {title} rule for them)",
             VisWarning, stacklevel=3,
         )
 
