@@ -12,8 +12,8 @@ attribution chosen by ``over``: ``saliency`` (the input gradient), ``input-x-gra
 ``guided-backprop``, ``deconvnet`` or ``integrated-gradients``. ``absolute=True`` takes ``|A|``
 of each sample first (SmoothGrad's default here, as Captum's ``Saliency(abs=True)`` does).
 
-The noise is seeded: ``samples`` draws ``eps_i ~ N(0, 1)`` of one image's shape from a
-``torch.Generator`` seeded with ``seed``, scaled by each image's own sigma, so an image's map does
+The noise is seeded: ``samples`` draws ``eps_i ~ N(0, 1)`` of one image's shape from a CPU
+``torch.Generator`` seeded with ``seed`` (the same on every device), scaled by each image's own sigma, so an image's map does
 not depend on which other images share its batch. Noisy copies (times the integration steps, for
 integrated gradients) go through the model in batches of the one batching rule.
 """
@@ -102,8 +102,9 @@ def noise_tunnel(
         n = x.shape[0]
         flat = x.reshape(n, -1)
         sigma = (noise * (flat.amax(dim=1) - flat.amin(dim=1))).view(n, 1, 1, 1)
-        gen = torch.Generator(device=x.device).manual_seed(int(seed))
-        eps = torch.randn((samples, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+        # drawn on the CPU whatever the device: a seed gives the same noise, and the same maps, on a GPU
+        gen = torch.Generator().manual_seed(int(seed))
+        eps = torch.randn((samples, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
         t = resolve_targets(targets, predict(model, x))
         if mode is not None:  # after one forward pass: refuse or warn before the long part
             check_rule_applied(mode, model)
