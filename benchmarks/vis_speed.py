@@ -365,7 +365,7 @@ def gradient_family_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Name
                                 nt_samples_batch_size=ntb, target=predicted(), abs=absolute)
 
         def nt_check(ours: torch.Tensor, _theirs: torch.Tensor, theirs=theirs) -> None:
-            original = NoiseTunnel._add_noise_to_input
+            original = NoiseTunnel.__dict__["_add_noise_to_input"]  # the staticmethod itself
             NoiseTunnel._add_noise_to_input = staticmethod(lambda inp, stdev, k: inp.repeat_interleave(k, dim=0) + drawn)
             try:
                 ref = theirs()

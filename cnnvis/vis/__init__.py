@@ -25,7 +25,9 @@ Where things are:
 * ``noise_tunnel.py`` SmoothGrad, SmoothGrad-Sq and VarGrad over any gradient method (``over=``)
 * ``maximize.py``   activation maximisation (class logit or layer channel)
 
-Errors are :class:`cnnvis.errors.VisError` and its subclasses; drawing the results is :mod:`cnnvis.plots`.
+Errors are :class:`cnnvis.errors.VisError` and its subclasses; a method that ran but not quite as its name
+promises (guided backprop leaving GELUs with the plain gradient) warns with :class:`cnnvis.errors.VisWarning`;
+drawing the results is :mod:`cnnvis.plots`.
 """
 
 from cnnvis.errors import (
