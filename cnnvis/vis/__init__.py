@@ -22,11 +22,15 @@ Where things are:
   ``incremental.py`` + ``incremental_graph.py`` recompute only what each window changes (Krypton)
 * ``cam_base.py``   shared CAM computation; ``cam.py`` CAM, ``gradcam.py`` Grad-CAM,
   ``gradcampp.py`` Grad-CAM++, ``guided_gradcam.py`` Guided Grad-CAM
-* ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``smoothgrad.py``,
-  ``integrated_gradients.py``
+* ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``integrated_gradients.py``
+* ``rectifier_rules.py`` the guided / deconvnet backward rules at every rectifier (ReLU, ReLU6, clamps,
+  LeakyReLU, PReLU); ``guided_backprop.py``, ``deconvnet.py``; ``input_x_gradient.py``
+* ``noise_tunnel.py`` SmoothGrad, SmoothGrad-Sq and VarGrad over any gradient method (``over=``)
 * ``maximize.py``   activation maximisation (class logit or layer channel)
 
-Errors are :class:`cnnvis.errors.VisError` and its subclasses; drawing the results is :mod:`cnnvis.plots`.
+Errors are :class:`cnnvis.errors.VisError` and its subclasses; a method that ran but not quite as its name
+promises (guided backprop leaving GELUs with the plain gradient) warns with :class:`cnnvis.errors.VisWarning`;
+drawing the results is :mod:`cnnvis.plots`.
 """
 
 from cnnvis.errors import (
@@ -34,9 +38,11 @@ from cnnvis.errors import (
     UnknownMethodError,
     UnsupportedModelError,
     VisError,
+    VisWarning,
 )
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
+from cnnvis.vis.deconvnet import deconvnet
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -51,9 +57,11 @@ from cnnvis.vis.hooks import (
     model_state,
     resolve_targets,
 )
+from cnnvis.vis.input_x_gradient import input_x_gradient
 from cnnvis.vis.integrated_gradients import integrated_gradients
 from cnnvis.vis.maps import gaussian_blur, normalize_maps, reduce_channels, upsample
 from cnnvis.vis.maximize import maximize
+from cnnvis.vis.noise_tunnel import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
 from cnnvis.vis.occlusion import OcclusionMaps, occlusion, occlusion_maps
 from cnnvis.vis.registry import (
     METHODS,
@@ -63,7 +71,6 @@ from cnnvis.vis.registry import (
     run_method,
 )
 from cnnvis.vis.saliency import saliency
-from cnnvis.vis.smoothgrad import smoothgrad
 
 __all__ = [
     "METHODS", "LayerNotFoundError", "MethodSpec", "OcclusionMaps", "UnknownMethodError", "UnsupportedModelError",
@@ -71,4 +78,6 @@ __all__ = [
     "gradcampp", "guided_backprop", "guided_backprop_gradients", "guided_gradcam", "input_gradients",
     "integrated_gradients", "layer_names", "maximize", "method_names", "model_state", "normalize_maps", "occlusion",
     "occlusion_maps", "reduce_channels", "resolve_targets", "run_method", "saliency", "smoothgrad", "upsample",
+    # gradient family
+    "VisWarning", "deconvnet", "input_x_gradient", "noise_tunnel", "smoothgrad_sq", "vargrad",
 ]

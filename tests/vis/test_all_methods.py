@@ -12,6 +12,8 @@ NAMES = method_names()
 # small settings so the whole matrix stays fast; the defaults are exercised in test_registry
 FAST = {
     "smoothgrad": {"samples": 4},
+    "smoothgrad-sq": {"samples": 4},
+    "vargrad": {"samples": 4},
     "integrated-gradients": {"steps": 6},
     "maximize": {"steps": 4},
     "occlusion": {"window": 3, "stride": 2},
@@ -35,7 +37,8 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 
 def test_registry_has_the_documented_methods() -> None:
     assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
-                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize"]
+                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+                     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad"]
 
 
 @pytest.mark.parametrize("name", NAMES)
