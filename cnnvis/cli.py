@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -80,7 +81,9 @@ def friendly_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the default display afterwards (tests, notebooks)
+                warnings.showwarning = _warning_line
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
         except CnnvisError as exc:
@@ -97,6 +100,14 @@ def friendly_errors(command: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A library warning (a method that could only partly apply, a deprecated file format) as one
+    yellow line, like errors, instead of Python's file-and-line format."""
+    if not _quiet_rank():
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _quiet_rank() -> bool:
