@@ -7,4 +7,5 @@ The CLI's help lists them before anything heavy loads (``cnnvis.vis`` imports to
 METHOD_NAMES: tuple[str, ...] = (
     "activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam", "saliency",
     "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+    "deepdream",
 )

@@ -21,7 +21,10 @@ Where things are:
   ``gradcampp.py`` Grad-CAM++, ``guided_gradcam.py`` Guided Grad-CAM
 * ``gradients.py``  input gradients; ``saliency.py``, ``guided_backprop.py``, ``smoothgrad.py``,
   ``integrated_gradients.py``
-* ``maximize.py``   activation maximisation (class logit or layer channel)
+* ``maximize.py``   activation maximisation / feature visualisation (class logit, layer channel or neuron);
+  ``fourier.py`` its decorrelated Fourier image, ``robustness.py`` its random pad/jitter/scale/rotate,
+  ``penalties.py`` total variation and L2 priors
+* ``deepdream.py``  DeepDream: real images changed to amplify a layer, over several octaves
 
 Errors are :class:`cnnvis.errors.VisError` and its subclasses; drawing the results is :mod:`cnnvis.plots`.
 """
@@ -34,6 +37,7 @@ from cnnvis.errors import (
 )
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
+from cnnvis.vis.deepdream import deepdream, dream_layer
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -50,7 +54,7 @@ from cnnvis.vis.hooks import (
 )
 from cnnvis.vis.integrated_gradients import integrated_gradients
 from cnnvis.vis.maps import gaussian_blur, normalize_maps, reduce_channels, upsample
-from cnnvis.vis.maximize import maximize
+from cnnvis.vis.maximize import maximize, maximize_settings
 from cnnvis.vis.occlusion import OcclusionMaps, occlusion, occlusion_maps
 from cnnvis.vis.registry import (
     METHODS,
@@ -68,4 +72,5 @@ __all__ = [
     "gradcampp", "guided_backprop", "guided_backprop_gradients", "guided_gradcam", "input_gradients",
     "integrated_gradients", "layer_names", "maximize", "method_names", "model_state", "normalize_maps", "occlusion",
     "occlusion_maps", "reduce_channels", "resolve_targets", "run_method", "saliency", "smoothgrad", "upsample",
+    "deepdream", "dream_layer", "maximize_settings",
 ]

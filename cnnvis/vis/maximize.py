@@ -153,9 +153,10 @@ def _objective(layer: str | None, kind: str) -> Any:
     return score
 
 
-def _warn_if_dead(grad: Tensor) -> None:
+def warn_zero_gradient(grad: Tensor, method: str) -> None:
+    """Warn once if some image's objective has no gradient at all (its optimisation cannot move)."""
     if bool((grad.flatten(1).abs().amax(dim=1) == 0).any()):
-        warnings.warn("maximize: the objective has zero gradient for some targets (e.g. a channel "
+        warnings.warn(f"{method}: the objective has zero gradient for some targets (e.g. a channel "
                       "after a ReLU that is off everywhere); try the layer before the activation", stacklevel=4)
 
 
@@ -189,7 +190,7 @@ def _fourier(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int
             gain = gain - s["tv"] * total_variation(rgb)
         (spectrum.grad,) = torch.autograd.grad(-gain.sum(), spectrum)
         if step == 0:
-            _warn_if_dead(spectrum.grad)
+            warn_zero_gradient(spectrum.grad, "maximize")
         optimizer.step()
         progress.advance(step + 1, s["steps"])
     with torch.no_grad():
@@ -215,7 +216,7 @@ def _pixel(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int, 
         (grad,) = torch.autograd.grad(score(model(seen), cap, t).sum(), x)
         with torch.no_grad():
             if step == 0:
-                _warn_if_dead(grad)
+                warn_zero_gradient(grad, "maximize")
             scale = grad.abs().reshape(k, -1).mean(dim=1).view(k, 1, 1, 1)
             x = (1 - s["l2"]) * x.detach() + s["lr"] * grad / scale.clamp(min=1e-12)
             if s["tv"]:
