@@ -110,9 +110,8 @@ def maximize(
         raise VisError("maximize needs at least one target and image_shape = (C, H, W)")
     if objective not in ("auto", "logit", "channel", "neuron"):
         raise VisError(f"objective must be 'auto', 'logit', 'channel' or 'neuron', got {objective!r}")
-    if (layer is None) != (objective in ("auto", "logit")):
-        raise VisError("objective 'channel' and 'neuron' need a layer; 'logit' takes none"
-                       if objective != "auto" else "objective 'auto' is the logit without a layer, the channel with one")
+    if (layer is None and objective in ("channel", "neuron")) or (layer is not None and objective == "logit"):
+        raise VisError(f"objective {objective!r} " + ("needs a layer" if layer is None else "takes no layer"))
     for name, stats in (("mean", mean), ("std", std)):
         if stats is not None and len(stats) not in (1, image_shape[0]):
             raise VisError(f"{name} has {len(stats)} values for images with {image_shape[0]} channels")

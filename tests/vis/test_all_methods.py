@@ -15,6 +15,7 @@ FAST = {
     "integrated-gradients": {"steps": 6},
     "maximize": {"steps": 4},
     "occlusion": {"window": 3, "stride": 2},
+    "deepdream": {"steps": 3},
 }
 TARGETS = [0, 1, 2, 3]
 
@@ -35,7 +36,8 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 
 def test_registry_has_the_documented_methods() -> None:
     assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
-                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize"]
+                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+                     "deepdream"]
 
 
 @pytest.mark.parametrize("name", NAMES)
