@@ -174,7 +174,7 @@ def _fourier(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int
     move = robustness.Transforms(**s["transforms"])
     size = (h + 2 * move.pad, w + 2 * move.pad)
     matrices = robustness.affine_matrices(robustness.sample(move, s["steps"], gen), (h, w), size).float().to(device)
-    optimizer = torch.optim.Adam([spectrum], lr=s["lr"])
+    adam = _Adam(spectrum, s["lr"])
 
     def image() -> Tensor:
         return fourier.to_rgb(fourier.spectrum_to_image(spectrum, h, w, scale), decorrelate)
@@ -187,13 +187,31 @@ def _fourier(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int
             gain = gain - s["l2"] * l2_distance(rgb, 0.5)
         if s["tv"]:
             gain = gain - s["tv"] * total_variation(rgb)
-        (spectrum.grad,) = torch.autograd.grad(-gain.sum(), spectrum)
+        (grad,) = torch.autograd.grad(gain.sum(), spectrum)
         if step == 0:
-            warn_zero_gradient(spectrum.grad, "maximize")
-        optimizer.step()
+            warn_zero_gradient(grad, "maximize")
+        adam.ascend(grad)
         progress.advance(step + 1, s["steps"])
     with torch.no_grad():
         return fourier.normalize(image(), mean, std).detach()
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015) ascending one tensor in place, as ``torch.optim.Adam`` with its defaults
+    would descend the negated objective; its own few lines because ``torch.optim`` imports
+    ``torch._dynamo`` on first use (seconds on a busy CPU)."""
+
+    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.param, self.lr, self.betas, self.eps, self.t = param, lr, betas, eps, 0
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    @torch.no_grad()
+    def ascend(self, grad: Tensor) -> None:
+        (b1, b2), self.t = self.betas, self.t + 1
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denominator = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
+        self.param.addcdiv_(self.m, denominator, value=self.lr / (1 - b1**self.t))
 
 
 def _pixel(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int, int, int], s: dict[str, Any],
