@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnvis import plots
+from cnnvis.vis.activations import activations
 from cnnvis.vis.deepdream import dream_layer, mean_square, octave_sizes
 from cnnvis.vis.hooks import model_state
 from cnnvis.vis.maximize import maximize_settings
@@ -27,7 +28,13 @@ MAX_MAXIMIZE_CLASSES = 16  #: "the network's idea of each class", for up to this
 
 
 def draw_maximize(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> None:
-    """One synthetic image per class (the first :data:`MAX_MAXIMIZE_CLASSES`, or the named target)."""
+    """One synthetic image per class (the first :data:`MAX_MAXIMIZE_CLASSES`, or the named target);
+    with ``layers``, one per channel of each layer (the first :data:`MAX_MAXIMIZE_CLASSES`) instead."""
+    if layers:
+        for part, layer in enumerate(layers):
+            v._part = (part, len(layers))
+            _draw_channels(v, spec, layer)
+        return
     from cnnvis.commands.visualize import SEED
 
     started = time.perf_counter()
@@ -52,6 +59,25 @@ def draw_maximize(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> Non
                "classes": [v._name(c) for c in classes],
                "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
     v._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
+
+
+def _draw_channels(v: Visualizer, spec: MethodSpec, layer: str) -> None:
+    """What each of the first channels of ``layer`` responds to: its mean activation maximised."""
+    from cnnvis.commands.visualize import SEED
+
+    started = time.perf_counter()
+    run = v.run
+    channels = list(range(min(activations(run.model, v.images[:1], layer)[layer].shape[1], MAX_MAXIMIZE_CLASSES)))
+    normalization = {"mean": list(run.spec.mean), "std": list(run.spec.std)}
+    shape_of_each = torch.zeros(len(channels), *v.images.shape[1:], device=run.device)
+    made = run_method(spec.name, run.model, shape_of_each, channels, layer, seed=SEED, **normalization)
+    recipe = maximize_settings(tuple(v.images.shape[1:]), spec.defaults["param"])
+    png = plots.image_grid_figure(made.detach().float().cpu(), [f"channel {c}" for c in channels],
+                                  v._title("what each channel responds to (its mean activation maximised)", layer),
+                                  mean=run.spec.mean, std=run.spec.std)
+    parameters = {**spec.defaults, **normalization, "seed": SEED, "recipe": recipe}
+    sidecar = {**v._model_fields(spec.name, layer, parameters), "objective": "channel", "channels": channels}
+    v._write(png, spec.name, layer, layer, sidecar, plots.count(len(channels), "channel"), started)
 
 
 def draw_deepdream(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> None:

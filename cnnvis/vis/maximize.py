@@ -59,6 +59,8 @@ def maximize_settings(image_shape: Sequence[int], param: Param = "auto", **given
         standard = robustness.Transforms.standard(*image_shape[1:])
         settings["transforms"] = {k: given[k] if given.get(k) is not None else getattr(standard, k)
                                   for k in ("pad", "jitter", "scale", "rotate")}
+    else:  # Yosinski's roll jitter
+        settings["jitter"] = given["jitter"] if given.get("jitter") is not None else 2
     return settings
 
 
@@ -128,7 +130,7 @@ def maximize(
         if s["param"] == "fourier":
             return _fourier(model, cap, score, t.to(device), image_shape, s, mean, std, decorrelate, decay_power,
                             gen, torch.device(device))
-        return _pixel(model, cap, score, t.to(device), image_shape, s, jitter, mean, std, blur_sigma, blur_every,
+        return _pixel(model, cap, score, t.to(device), image_shape, s, mean, std, blur_sigma, blur_every,
                       clamp, gen, torch.device(device))
 
 
@@ -215,7 +217,7 @@ class _Adam:
 
 
 def _pixel(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int, int, int], s: dict[str, Any],
-           jitter: int | None, mean: Sequence[float] | None, std: Sequence[float] | None, blur_sigma: float,
+           mean: Sequence[float] | None, std: Sequence[float] | None, blur_sigma: float,
            blur_every: int, clamp: tuple[float, float] | None, gen: torch.Generator, device: torch.device) -> Tensor:
     k, steps = len(t), s["steps"]
     x = (torch.randn((1, *shape), generator=gen) * s["init_std"]).expand(k, *shape).to(device).clone()
@@ -225,7 +227,7 @@ def _pixel(model: nn.Module, cap: Any, score: Any, t: Tensor, shape: tuple[int, 
         matrices = robustness.affine_matrices(robustness.sample(move, steps, gen), shape[1:], size).float().to(device)
         grey = _grey(mean, std, shape[0], device)
     else:
-        roll = 2 if jitter is None else jitter
+        roll = s["jitter"]
         shifts = torch.randint(-roll, roll + 1, (steps, 2), generator=gen).tolist() if roll > 0 else [[0, 0]] * steps
     for step in range(steps):
         x.requires_grad_(True)

@@ -130,6 +130,13 @@ def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
     assert not list(run.glob("events.out.tfevents*")), "--no-tensorboard wrote events"
 
 
+def test_maximize_on_a_layer_draws_its_channels(run, tmp_path):
+    invoke(run, "-m", "maximize", "--layer", "features.2", "--out", tmp_path, "--no-tensorboard")
+    meta = sidecar(tmp_path / "maximize" / "features.2.png")
+    assert meta["layer"] == "features.2" and meta["objective"] == "channel"
+    assert meta["channels"] == list(range(16)) and meta["parameters"]["recipe"]["param"] == "pixel"
+
+
 def test_a_class_name_as_target(run):
     invoke(run, "-m", "saliency", "--target", "right", "--images", "4", "--no-tensorboard")
     meta = sidecar(run / "visualizations" / "saliency" / "saliency.png")
