@@ -71,7 +71,7 @@ def _draw_channels(v: Visualizer, spec: MethodSpec, layer: str) -> None:
     normalization = {"mean": list(run.spec.mean), "std": list(run.spec.std)}
     shape_of_each = torch.zeros(len(channels), *v.images.shape[1:], device=run.device)
     made = run_method(spec.name, run.model, shape_of_each, channels, layer, seed=SEED, **normalization)
-    recipe = maximize_settings(tuple(v.images.shape[1:]), spec.defaults["param"])
+    recipe = maximize_settings(tuple(v.images.shape[1:]), spec.defaults["param"], layer)
     png = plots.image_grid_figure(made.detach().float().cpu(), [f"channel {c}" for c in channels],
                                   v._title("what each channel responds to (its mean activation maximised)", layer),
                                   mean=run.spec.mean, std=run.spec.std)

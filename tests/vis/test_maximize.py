@@ -108,6 +108,8 @@ def test_auto_recipe_is_fourier_for_photos_only() -> None:
     assert maximize_settings((3, 32, 32))["param"] == "pixel"
     assert maximize_settings((3, 32, 32), "fourier", steps=7, jitter=3)["transforms"]["jitter"] == 3
     assert maximize_settings((3, 96, 96), steps=7, tv=0.1)["steps"] == 7
+    assert maximize_settings((3, 96, 96))["init_std"] == 0.01  # classes: Lucid's grey start
+    assert maximize_settings((3, 96, 96), layer="layer3")["init_std"] == 0.5  # units: a start that wakes them
     with pytest.raises(VisError, match="param must be"):
         maximize_settings((3, 96, 96), "fft")
 
