@@ -30,12 +30,12 @@ def test_fourier_image_equals_lucents_fft_image_and_to_valid_rgb(h: int, w: int,
     params, image_f = spatial.fft_image((2, 3, h, w), sd=0.5, decay_power=decay_power)
     (coefficients,) = params
     # lucent keeps one extra column for odd widths that irfft ignores; the rest is the same layout
-    ours_spectrum = coefficients.detach()[:, :, :, : w // 2 + 1]
+    ours_spectrum = coefficients.detach().cpu()[:, :, :, : w // 2 + 1]  # lucent uses CUDA when it sees one
     scale = fourier.spectrum_scale(h, w, decay_power)
     ours = fourier.spectrum_to_image(ours_spectrum, h, w, scale)
-    torch.testing.assert_close(ours, image_f().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, image_f().detach().cpu(), rtol=1e-5, atol=1e-6)
     for decorrelate in (True, False):
-        theirs = color.to_valid_rgb(image_f, decorrelate=decorrelate)().detach()
+        theirs = color.to_valid_rgb(image_f, decorrelate=decorrelate)().detach().cpu()
         torch.testing.assert_close(fourier.to_rgb(ours, decorrelate), theirs, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(fourier.to_rgb(ours, True), fourier.to_rgb(ours, False), atol=1e-3)
 
