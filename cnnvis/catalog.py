@@ -9,4 +9,5 @@ METHOD_NAMES: tuple[str, ...] = (
     "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
     # gradient family
     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad",
+    "deepdream",
 )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnvis import plots
+from cnnvis.commands.visualize_images import DRAW as DRAW_IMAGES
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
 from cnnvis.device import resolve_device
@@ -35,8 +36,7 @@ from cnnvis.vis.occlusion import OcclusionMaps
 from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
 
 DEFAULT_IMAGES = 8
-MAX_MAXIMIZE_CLASSES = 16  #: "the network's idea of each class", for up to this many classes
-SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start), kept in every sidecar
+SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start, deepdream jitter), kept in every sidecar
 
 
 @dataclass
@@ -178,7 +178,7 @@ class Visualizer:
         for layer in layers:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
-                "images": self._maximize}
+                "images": self._images}
         unsupported: list[UnsupportedModelError] = []
         for index, name in enumerate(names):
             spec = METHODS[name]
@@ -340,24 +340,8 @@ class Visualizer:
         inside = [n for n in convs if n == layer or n.startswith(layer + ".")]
         return inside[-1:] or convs[-1:]
 
-    def _maximize(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        started = time.perf_counter()
-        names = self.run.spec.class_names
-        classes = ([int(self.target_spec)] if isinstance(self.target_spec, int)
-                   else list(range(min(len(names), MAX_MAXIMIZE_CLASSES))))
-        shape_of_each = torch.zeros(len(classes), *self.images.shape[1:], device=self.run.device)
-        made = run_method(spec.name, self.run.model, shape_of_each, classes, seed=SEED)
-        with torch.no_grad(), model_state(self.run.model, grad=False):
-            probs = F.softmax(self.run.model(made).float(), dim=1).cpu()
-        captions = [f"{self._name(c)}: {plots.format_caption(prob=float(probs[i, c]))}" for i, c in enumerate(classes)]
-        png = plots.image_grid_figure(made.detach().float().cpu(), captions,
-                                      self._title("the network's idea of each class (activation maximisation)", None),
-                                      mean=self.run.spec.mean, std=self.run.spec.std)
-        # made from noise, not from the explained images: the sidecar names the classes drawn, nothing per image
-        sidecar = {**self._model_fields(spec.name, None, {**spec.defaults, "seed": SEED}),
-                   "classes": [self._name(c) for c in classes],
-                   "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
-        self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
+    def _images(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        DRAW_IMAGES[spec.name](self, spec, layers)
 
 
 def visualize_command(

@@ -26,7 +26,10 @@ Where things are:
 * ``rectifier_rules.py`` the guided / deconvnet backward rules at every rectifier (ReLU, ReLU6, clamps,
   LeakyReLU, PReLU); ``guided_backprop.py``, ``deconvnet.py``; ``input_x_gradient.py``
 * ``noise_tunnel.py`` SmoothGrad, SmoothGrad-Sq and VarGrad over any gradient method (``over=``)
-* ``maximize.py``   activation maximisation (class logit or layer channel)
+* ``maximize.py``   activation maximisation / feature visualisation (class logit, layer channel or neuron);
+  ``fourier.py`` its decorrelated Fourier image, ``robustness.py`` its random pad/jitter/scale/rotate,
+  ``penalties.py`` total variation and L2 priors
+* ``deepdream.py``  DeepDream: real images changed to amplify a layer, over several octaves
 
 Errors are :class:`cnnvis.errors.VisError` and its subclasses; a method that ran but not quite as its name
 promises (guided backprop leaving GELUs with the plain gradient) warns with :class:`cnnvis.errors.VisWarning`;
@@ -43,6 +46,7 @@ from cnnvis.errors import (
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
 from cnnvis.vis.deconvnet import deconvnet
+from cnnvis.vis.deepdream import deepdream, dream_layer
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -60,7 +64,7 @@ from cnnvis.vis.hooks import (
 from cnnvis.vis.input_x_gradient import input_x_gradient
 from cnnvis.vis.integrated_gradients import integrated_gradients
 from cnnvis.vis.maps import gaussian_blur, normalize_maps, reduce_channels, upsample
-from cnnvis.vis.maximize import maximize
+from cnnvis.vis.maximize import maximize, maximize_settings
 from cnnvis.vis.noise_tunnel import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
 from cnnvis.vis.occlusion import OcclusionMaps, occlusion, occlusion_maps
 from cnnvis.vis.registry import (
@@ -80,4 +84,5 @@ __all__ = [
     "occlusion_maps", "reduce_channels", "resolve_targets", "run_method", "saliency", "smoothgrad", "upsample",
     # gradient family
     "VisWarning", "deconvnet", "input_x_gradient", "noise_tunnel", "smoothgrad_sq", "vargrad",
+    "deepdream", "dream_layer", "maximize_settings",
 ]

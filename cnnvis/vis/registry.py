@@ -21,6 +21,7 @@ from cnnvis.errors import UnknownMethodError, VisError
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
 from cnnvis.vis.deconvnet import deconvnet
+from cnnvis.vis.deepdream import deepdream
 from cnnvis.vis.filters import filters
 from cnnvis.vis.gradcam import gradcam
 from cnnvis.vis.gradcampp import gradcampp
@@ -129,7 +130,7 @@ _SPECS = [
           "gradients integrated along a path from a baseline image (Sundararajan et al. 2017)",
           _no_layer(integrated_gradients), needs_layer=False, normalize="signed"),
     _spec("maximize", maximize, "images",
-          "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009)",
+          "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009; Olah et al. 2017)",
           _run_maximize, needs_layer=False, accepts_layer=True, exclude=("layer", "device")),
     # gradient family. Normalisation: deconvnet's reconstruction is read by magnitude like guided
     # backprop's (maxabs); input x gradient is signed (evidence for and against); the squared mean and
@@ -145,6 +146,9 @@ _SPECS = [
           _no_layer(smoothgrad_sq), needs_layer=False, normalize="maxabs"),
     _spec("vargrad", vargrad, "heatmap", "variance of the gradient over noisy copies (Adebayo et al. 2018)",
           _no_layer(vargrad), needs_layer=False, normalize="maxabs"),
+    _spec("deepdream", deepdream, "images",
+          "the images changed to amplify a layer's activations, over several scales (Mordvintsev et al. 2015)",
+          lambda model, images, targets, layer, **p: deepdream(model, images, layer, **p), needs_layer=True),
 ]
 
 #: name -> spec, in display order

@@ -104,11 +104,17 @@ def test_no_options_draws_every_method_into_the_run_and_tensorboard(run):
     assert sidecar(folder / "occlusion" / "predicted-class.png")["computation"] == occlusion["computation"]
     drawn = sidecar(folder / "maximize" / "classes.png")
     assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
+    assert drawn["parameters"]["recipe"]["param"] == "pixel"  # 20 px: too small for the Fourier recipe
+    assert drawn["parameters"]["mean"] == list(load_run(run).spec.mean)
+    dream = sidecar(folder / "deepdream" / "features.10.png")
+    assert dream["layer"] == "features.10" and dream["parameters"]["steps"] == 20 and dream["octave_sizes"] == [[20, 20]]
+    assert all(a > b for a, b in zip(dream["layer_mean_square_after"], dream["layer_mean_square_before"]))
     assert f"pictures in {folder}" in out
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     tags = set(events.Tags()["images"])
-    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/maximize/classes"} <= tags
+    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/maximize/classes",
+            "visualize/deepdream/features.10"} <= tags
 
 
 def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
@@ -122,6 +128,13 @@ def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
     assert "gradcam" in out and "features.6" in out
     assert not (run / "visualizations").exists()
     assert not list(run.glob("events.out.tfevents*")), "--no-tensorboard wrote events"
+
+
+def test_maximize_on_a_layer_draws_its_channels(run, tmp_path):
+    invoke(run, "-m", "maximize", "--layer", "features.2", "--out", tmp_path, "--no-tensorboard")
+    meta = sidecar(tmp_path / "maximize" / "features.2.png")
+    assert meta["layer"] == "features.2" and meta["objective"] == "channel"
+    assert meta["channels"] == list(range(16)) and meta["parameters"]["recipe"]["param"] == "pixel"
 
 
 def test_a_class_name_as_target(run):

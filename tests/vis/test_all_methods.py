@@ -17,6 +17,7 @@ FAST = {
     "integrated-gradients": {"steps": 6},
     "maximize": {"steps": 4},
     "occlusion": {"window": 3, "stride": 2},
+    "deepdream": {"steps": 3},
 }
 TARGETS = [0, 1, 2, 3]
 
@@ -38,7 +39,7 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 def test_registry_has_the_documented_methods() -> None:
     assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
                      "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
-                     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad"]
+                     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad", "deepdream"]
 
 
 @pytest.mark.parametrize("name", NAMES)
