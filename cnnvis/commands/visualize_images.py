@@ -85,7 +85,7 @@ def draw_deepdream(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> No
     from cnnvis.commands.visualize import SEED
 
     run = v.run
-    chosen = list(layers) or [dream_layer(run.model)]
+    chosen = list(layers) or [dream_layer(run.model, v.images[:1])]
     captions, colors = v._captions()
     normalization = {"mean": list(run.spec.mean), "std": list(run.spec.std)}
     for part, layer in enumerate(chosen):

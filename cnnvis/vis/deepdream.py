@@ -30,14 +30,15 @@ from cnnvis.vis.maximize import warn_zero_gradient
 MIN_OCTAVE_SIDE = 32
 
 
-def dream_layer(model: nn.Module) -> str:
+def dream_layer(model: nn.Module, images: Tensor | None = None) -> str:
     """The default layer: two thirds of the way through the network's stages
     (:func:`~cnnvis.vis.activations.stage_layers`): ``layer3`` of a ResNet, the third of four convs of
     ``mnist_cnn``. DeepDream's classic layer is also past the middle (Inception's ``mixed4c``): early
     layers only add edges and colour (on the flowers5 ResNet ``layer2`` mostly saturates colours),
     the last stage's maps are a few pixels wide; ``layer3`` paints flower parts (sunflower heads,
-    petals) into the picture."""
-    stages = stage_layers(model)
+    petals) into the picture. ``images`` are what the model will see (its default layer is found by a
+    probing pass on them; without, on a blank image of the size the model declares)."""
+    stages = stage_layers(model, images=images)
     return stages[(2 * len(stages)) // 3]
 
 
@@ -81,7 +82,7 @@ def deepdream(
     if octaves < 1 or steps < 1 or octave_scale < 1:
         raise VisError(f"deepdream needs octaves >= 1, steps >= 1 and octave_scale >= 1, got {octaves}, {steps}, "
                        f"{octave_scale}")
-    layer = dream_layer(model) if layer is None else layer
+    layer = dream_layer(model, images[:1]) if layer is None else layer
     n, c, h, w = images.shape
     sizes = octave_sizes(h, w, octaves, octave_scale)
     roll = max(1, min(h, w) // 12) if jitter is None else jitter
