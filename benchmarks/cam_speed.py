@@ -103,7 +103,7 @@ def bench(model: torch.nn.Module, images: torch.Tensor, methods: list[str], batc
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = default_layer(model)
+    layer = default_layer(model, images)
     module = get_layer(model, layer)
     with torch.no_grad():
         t = model(images).argmax(dim=1)
@@ -163,7 +163,7 @@ def main() -> None:
     table, headline = [], []
     for kind in args.models:
         model, images, label = load(kind, getattr(args, kind), args.images)
-        print(f"{label}, layer {default_layer(model)}, images {tuple(images.shape)}")
+        print(f"{label}, layer {default_layer(model, images)}, images {tuple(images.shape)}")
         for name, ours, theirs, note in bench(model, images, args.methods, args.batch_sizes, args.reps):
             table.append(f"| {label} | {name} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.1f}x | {note} |")
             if name in BATCHED:

@@ -40,6 +40,7 @@ QUICK: dict[str, tuple[list[str], str]] = {
     "ddp_throughput.py": (["--batches", "4", "--reps", "1"], "4 timed global batches, once per process count"),
     "mnist_time_to_99.py": (["--only", "project", "--whole-process"],
                             "the whole `cnnvis train` process only: the PyTorch example takes 10 minutes (full run: both)"),
+    "maximize_speed.py": (["--steps", "32", "--reps", "1", "--threads", "1"], "32 steps instead of 128, once"),
 }
 NEEDS_DATA = {"ddp_throughput.py", "occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
 

@@ -18,6 +18,11 @@ Pairs (ours vs theirs, target speed-up ours/theirs):
 * integrated gradients, 50 Gauss-Legendre steps, zero baseline, vs Captum ``IntegratedGradients``
   at each ``--ibs`` (internal_batch_size; 0 = None) -- Captum's fastest counts.  Target >= 1.2x.
 * saliency / guided backprop vs Captum ``Saliency(abs=True)`` / ``GuidedBackprop``.  Target >= 1.2x.
+* deconvnet / input x gradient vs Captum ``Deconvolution`` / ``InputXGradient``.  Target: no slower (1.0x).
+* smoothgrad (|gradient|), smoothgrad-sq, vargrad over the input gradient, 25 noisy copies each, vs
+  Captum ``NoiseTunnel(Saliency)`` at each ``--ntb`` (nt_samples_batch_size; 0 = None), its fastest
+  counting.  Target: no slower (1.0x). Captum draws its own noise in the timed calls; the agreement
+  check runs it once more with our seeded noise in place of its draw (as tests/vis/test_parity_gradients.py).
 
 Before a pair is timed its outputs are compared with ``torch.testing.assert_close`` after the same
 normalisation as ``tests/vis/test_parity.py`` (raw attributions where the reference returns them
@@ -55,11 +60,14 @@ from torch import nn  # noqa: E402
 
 from cnnvis.models import build_model  # noqa: E402
 from cnnvis.vis import (  # noqa: E402
+    deconvnet,
     default_layer,
     gradcam,
     gradcampp,
     guided_backprop,
+    input_x_gradient,
     integrated_gradients,
+    noise_tunnel,
     normalize_maps,
     occlusion,
     saliency,
@@ -71,6 +79,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 # --------------------------------------------------------------------------- setup
 #: every method must beat its reference by this much (the occlusion pair has its own, higher target)
 MIN_RATIO = 1.2
+#: the gradient family's methods added later must be no slower than their reference
+NO_SLOWER = 1.0
+NT_SAMPLES, NT_NOISE = 25, 0.15
 
 def load_inputs(n: int, data_root: Path, device: torch.device) -> tuple[torch.Tensor, str]:
     try:
@@ -210,7 +221,7 @@ def build_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, dev
     gpu = device.type == "cuda"
     loose = args.tf32 and gpu
     tol = (lambda r, a: (1e-2, 1e-2)) if loose else (lambda r, a: (r, a))  # noqa: E731
-    layer_name = default_layer(model)
+    layer_name = default_layer(model, x)
     layer = model.get_submodule(layer_name)
     h, w = x.shape[-2:]
 
@@ -303,6 +314,73 @@ def build_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace, dev
         [Side("captum GuidedBackprop", lambda: gbp.attribute(x, target=predicted()))],
         gb_check, MIN_RATIO,
     ))
+    pairs += gradient_family_pairs(model, x, args, tol, predicted)
+    return pairs
+
+
+def gradient_family_pairs(model: nn.Module, x: torch.Tensor, args: argparse.Namespace,
+                          tol: Callable[[float, float], tuple[float, float]],
+                          predicted: Callable[[], torch.Tensor]) -> list[Pair]:
+    """(e) deconvnet, input x gradient; (f) the noise tunnel over the input gradient."""
+    import captum.attr as ca
+    from captum.attr._core.noise_tunnel import NoiseTunnel
+
+    pairs: list[Pair] = []
+
+    def deconv_check(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        close(deconvnet(model, x, "pred", reduce=None), theirs, *tol(1e-4, 1e-6))
+        close(ours, theirs.abs().amax(dim=1), *tol(1e-4, 1e-6))
+
+    dec = ca.Deconvolution(model)
+    pairs.append(Pair(
+        "deconvnet",
+        Side("cnnvis deconvnet", lambda: deconvnet(model, x, "pred")),
+        [Side("captum Deconvolution", lambda: dec.attribute(x, target=predicted()))],
+        deconv_check, NO_SLOWER,
+    ))
+
+    def ixg_check(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        close(ours, theirs, *tol(1e-4, 1e-6))
+
+    ixg = ca.InputXGradient(model)
+    pairs.append(Pair(
+        "input x gradient",
+        Side("cnnvis input_x_gradient(reduce=None)", lambda: input_x_gradient(model, x, "pred", reduce=None)),
+        [Side("captum InputXGradient", lambda: ixg.attribute(x, target=predicted()))],
+        ixg_check, NO_SLOWER,
+    ))
+
+    # our seeded noise, row i * samples + s (Captum's repeat_interleave order), for the agreement check
+    flat = x.reshape(len(x), -1)
+    sigma = (NT_NOISE * (flat.amax(dim=1) - flat.amin(dim=1))).view(-1, 1, 1, 1)
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    eps = torch.randn((NT_SAMPLES, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype)
+    drawn = (sigma[:, None] * eps[None]).reshape(-1, *x.shape[1:])
+    nt = NoiseTunnel(ca.Saliency(model))
+    for tunnel in ("smoothgrad", "smoothgrad-sq", "vargrad"):
+        absolute = tunnel == "smoothgrad"  # smoothgrad's default |gradient| = Saliency(abs=True)
+
+        def theirs(tunnel=tunnel, absolute=absolute, ntb: int | None = None) -> torch.Tensor:
+            return nt.attribute(x, nt_type=tunnel.replace("-", "_"), nt_samples=NT_SAMPLES, stdevs=NT_NOISE,
+                                nt_samples_batch_size=ntb, target=predicted(), abs=absolute)
+
+        def nt_check(ours: torch.Tensor, _theirs: torch.Tensor, theirs=theirs) -> None:
+            original = NoiseTunnel.__dict__["_add_noise_to_input"]  # the staticmethod itself
+            NoiseTunnel._add_noise_to_input = staticmethod(lambda inp, stdev, k: inp.repeat_interleave(k, dim=0) + drawn)
+            try:
+                ref = theirs()
+            finally:
+                NoiseTunnel._add_noise_to_input = original
+            close(ours, ref, *tol(1e-4, 1e-5))
+
+        pairs.append(Pair(
+            f"{tunnel} {NT_SAMPLES} samples",
+            Side(f"cnnvis noise_tunnel({tunnel!r}, reduce=None)", lambda tunnel=tunnel, absolute=absolute: noise_tunnel(
+                model, x, "pred", tunnel=tunnel, samples=NT_SAMPLES, noise=NT_NOISE, absolute=absolute, reduce=None)),
+            [Side(f"captum NoiseTunnel(Saliency) ntb={ntb or None}", lambda ntb=ntb, theirs=theirs: theirs(ntb=ntb or None),
+                  ntb or None) for ntb in args.ntb],
+            nt_check, NO_SLOWER,
+        ))
     return pairs
 
 
@@ -319,6 +397,8 @@ def main() -> None:
                         help="Captum Occlusion perturbations_per_eval values to try")
     parser.add_argument("--ibs", type=int, nargs="+", default=[0, 3200],
                         help="Captum IntegratedGradients internal_batch_size values to try (0 = None)")
+    parser.add_argument("--ntb", type=int, nargs="+", default=[0, 5],
+                        help="Captum NoiseTunnel nt_samples_batch_size values to try (0 = None)")
     parser.add_argument("--keep", type=int, default=2,
                         help="how many of the fastest reference settings (by the warm-up sweep) are timed")
     parser.add_argument("--no-extras", action="store_true",

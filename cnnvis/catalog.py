@@ -8,6 +8,9 @@ The CLI's help lists them before anything heavy loads (``cnnvis.vis`` imports to
 METHOD_NAMES: tuple[str, ...] = (
     "activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam", "saliency",
     "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+    # gradient family
+    "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad",
+    "deepdream",
     # the CAM family beyond Grad-CAM
     "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad",
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -80,7 +81,9 @@ def friendly_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():  # restores the default display afterwards (tests, notebooks)
+                warnings.showwarning = _warning_line
+                return command(*args, **kwargs)
         except typer.Exit:
             raise
         except CnnvisError as exc:
@@ -97,6 +100,14 @@ def friendly_errors(command: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A library warning (a method that could only partly apply, a deprecated file format) as one
+    yellow line, like errors, instead of Python's file-and-line format."""
+    if not _quiet_rank():
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _quiet_rank() -> bool:
@@ -215,7 +226,7 @@ def visualize(
     image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
     target: Annotated[str, typer.Option(metavar="pred|true|CLASS", help="Explain the predicted class, the true label, or a class index or name.")] = "pred",
-    layer: Annotated[list[str], typer.Option("--layer", "-l", metavar="NAME", help="Layer for layer-based methods, as listed by `cnnvis summary` (repeatable; default: the last conv stage).")] = [],
+    layer: Annotated[list[str], typer.Option("--layer", "-l", metavar="NAME", help="Layer for layer-based methods, as listed by `cnnvis summary` (repeatable; default: the last feature map before the head, in a transformer the last block's first norm).")] = [],
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the PNGs here instead of RUN/visualizations.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -252,7 +263,7 @@ def evaluate(
     explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC and the model randomization sanity check.")] = False,
     images: Annotated[int, typer.Option("--images", "-n", help="With --explanations: fixed images of the split the maps are checked on.")] = 32,
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all).")] = [],
-    layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last conv stage).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last feature map before the head, in a transformer the last block's first norm).")] = None,
     steps: Annotated[int, typer.Option(help="With --explanations: deletion/insertion steps (points on each curve minus one).")] = 16,
     wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = 16,
     split: Annotated[Split, typer.Option(help="Which split to evaluate.")] = Split.test,

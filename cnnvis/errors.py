@@ -65,3 +65,8 @@ class UnsupportedModelError(VisError):
 
 class UnknownMethodError(VisError):
     """A method name that is not in :data:`cnnvis.vis.registry.METHODS`."""
+
+
+class VisWarning(UserWarning):
+    """A visualisation ran, but not quite as the method's name promises (e.g. guided backprop
+    that had to leave some activations with the plain gradient); the message says where."""

@@ -53,6 +53,7 @@ class MnistClassic(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, dropout: float = 0.0) -> None:
         super().__init__()
+        self.image_size = image_size  # the only size its dense layer fits; default_layer probes with it
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 4, 5, padding=2),
             nn.Tanh(),

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.catalog import ALL_METHODS, default_methods
+from cnnvis.commands.visualize_images import DRAW as DRAW_IMAGES
 from cnnvis.data import eval_transform
 from cnnvis.data.images import load_rgb
 from cnnvis.device import resolve_device
@@ -36,8 +37,7 @@ from cnnvis.vis.occlusion import OcclusionMaps
 from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
 
 DEFAULT_IMAGES = 8
-MAX_MAXIMIZE_CLASSES = 16  #: "the network's idea of each class", for up to this many classes
-SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start), kept in every sidecar
+SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start, deepdream jitter), kept in every sidecar
 
 
 @dataclass
@@ -119,8 +119,8 @@ def parse_target(text: str, class_names: Sequence[str]) -> str | int:
 
 def select_methods(methods: Sequence[str] | None) -> tuple[list[str], bool]:
     """``(names to run, whether they were asked for by name)``: none given means every method but
-    :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"`` among them means every method. Only methods
-    asked for by name make an unsupported model an error rather than a skip."""
+    :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"`` among them means every method. When every
+    method asked for by name is unsupported, that is an error rather than an empty result."""
     if methods and ALL_METHODS in methods:
         for name in methods:
             if name != ALL_METHODS:
@@ -183,15 +183,18 @@ class Visualizer:
 
     def run_methods(self, methods: Sequence[str] | None = None, layers: Sequence[str] = ()) -> Result:
         """Run ``methods`` (default: all registered but :data:`~cnnvis.catalog.SLOW_METHODS`; ``"all"``:
-        every one). A method the model cannot support (CAM on a model without GAP + linear head) is
-        skipped with a reason when it was not asked for by name."""
+        every one). A method the model or layer cannot support (CAM without a GAP + linear head, guided
+        backprop without ReLUs, a CAM on a layer that is no map) is skipped with its one-line reason in
+        ``result.skipped`` and the others are drawn; only when every method asked for by name is
+        unsupported does the first one's error propagate."""
         names, explicit = select_methods(methods)
         for name in names:
             get_method(name)  # an unknown name fails before any work, listing the valid ones
         for layer in layers:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
-                "images": self._maximize}
+                "images": self._images}
+        unsupported: list[UnsupportedModelError] = []
         for index, name in enumerate(names):
             spec = METHODS[name]
             self._part = (0, 1)
@@ -200,13 +203,16 @@ class Visualizer:
                 with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
                     draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
-                if explicit:
-                    raise
                 self.result.skipped.append(Skipped(name, str(exc)))
+                unsupported.append(exc)
             except KeyboardInterrupt:  # keep what is drawn; say what is not
                 self.result.interrupted, self.result.not_run = name, names[index + 1:]
                 break
             self.on_progress(name, 1.0)
+        if explicit and len(unsupported) == len(names):  # nothing asked for can be drawn: an error, not an empty result
+            if len(unsupported) == 1:
+                raise unsupported[0]
+            raise UnsupportedModelError("; ".join(f"{s.method}: {s.reason.rstrip('.')}" for s in self.result.skipped))
         return self.result
 
     def _report(self, method: str, done: int, total: int) -> None:
@@ -275,7 +281,7 @@ class Visualizer:
     # ------------------------------------------------------------------ one drawing per kind of result
 
     def _heatmaps(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        chosen = (list(layers) or [default_layer(self.run.model)]) if spec.needs_layer else [None]
+        chosen = (list(layers) or [default_layer(self.run.model, self.images)]) if spec.needs_layer else [None]
         params = {"seed": SEED} if "seed" in spec.defaults else {}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
@@ -320,7 +326,7 @@ class Visualizer:
         self._write(png, "occlusion", None, "predicted-class", sidecar, plots.count(len(captions), "image"), started)
 
     def _activations(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        names = list(layers) or stage_layers(self.run.model)
+        names = list(layers) or stage_layers(self.run.model, images=self.images)
         started = time.perf_counter()
         acts = run_method(spec.name, self.run.model, self.images, self.targets, names)
         acts = {k: v.float().cpu() for k, v in acts.items()}
@@ -335,7 +341,7 @@ class Visualizer:
 
     def _filters(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         model = self.run.model
-        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model))]))
+        names = list(layers) or list(dict.fromkeys([first_conv(model), *self._conv_inside(default_layer(model, self.images))]))
         for layer in names:
             started = time.perf_counter()
             weights = run_method(spec.name, model, self.images, self.targets, layer).float().cpu()
@@ -349,24 +355,8 @@ class Visualizer:
         inside = [n for n in convs if n == layer or n.startswith(layer + ".")]
         return inside[-1:] or convs[-1:]
 
-    def _maximize(self, spec: MethodSpec, layers: Sequence[str]) -> None:
-        started = time.perf_counter()
-        names = self.run.spec.class_names
-        classes = ([int(self.target_spec)] if isinstance(self.target_spec, int)
-                   else list(range(min(len(names), MAX_MAXIMIZE_CLASSES))))
-        shape_of_each = torch.zeros(len(classes), *self.images.shape[1:], device=self.run.device)
-        made = run_method(spec.name, self.run.model, shape_of_each, classes, seed=SEED)
-        with torch.no_grad(), model_state(self.run.model, grad=False):
-            probs = F.softmax(self.run.model(made).float(), dim=1).cpu()
-        captions = [f"{self._name(c)}: {plots.format_caption(prob=float(probs[i, c]))}" for i, c in enumerate(classes)]
-        png = plots.image_grid_figure(made.detach().float().cpu(), captions,
-                                      self._title("the network's idea of each class (activation maximisation)", None),
-                                      mean=self.run.spec.mean, std=self.run.spec.std)
-        # made from noise, not from the explained images: the sidecar names the classes drawn, nothing per image
-        sidecar = {**self._model_fields(spec.name, None, {**spec.defaults, "seed": SEED}),
-                   "classes": [self._name(c) for c in classes],
-                   "probability": [float(probs[i, c]) for i, c in enumerate(classes)]}
-        self._write(png, spec.name, None, "classes", sidecar, plots.count(len(classes), "class"), started)
+    def _images(self, spec: MethodSpec, layers: Sequence[str]) -> None:
+        DRAW_IMAGES[spec.name](self, spec, layers)
 
 
 def visualize_command(

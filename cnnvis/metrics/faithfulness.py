@@ -223,7 +223,7 @@ def faithfulness(
             raise ConfigError(f"{name} does not make a heatmap; faithfulness applies to: {', '.join(heatmap_methods())}")
     if layer is not None:
         get_layer(model, layer)  # a wrong name fails before any work, listing the valid ones
-    resolved_layer = layer or default_layer(model)
+    resolved_layer = layer or default_layer(model, images)
     progress = on_progress or (lambda text: None)
     with model_state(model, grad=False):
         t = resolve_targets(targets, model(images))

@@ -98,7 +98,8 @@ class TensorBoardListener(Listener):
             if self._explain_layer is not None:
                 get_layer(state.model, self._explain_layer)  # a wrong name is a config error: fail now
             else:
-                self._safely("explain/gradcam", lambda: setattr(self, "_explain_layer", default_layer(state.model)))
+                self._safely("explain/gradcam", lambda: setattr(
+                    self, "_explain_layer", default_layer(state.model, _example_input(state))))
         if state.global_step == 0:  # fresh (or restarted before the first epoch ended)
             self._write_layout()
             if self.log.hparams:

@@ -18,12 +18,13 @@ from cnnvis.vis.hooks import (
 def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | None = None) -> dict[str, Tensor]:
     """Outputs of ``layers`` (default: :func:`~cnnvis.vis.hooks.default_layer`) for ``images``.
 
-    Returns ``{layer name: Tensor[N, C, h, w]}`` (whatever shape the layer produces), detached and
+    Returns ``{layer name: Tensor[N, C, h, w]}`` (a transformer's tokens on their patch grid, other
+    shapes as the layer produces them; see :mod:`cnnvis.vis.layouts`), detached and
     on the input's device. Values are snapshots taken when the layer ran, so a later in-place op
     (e.g. ``ReLU(inplace=True)`` after a BatchNorm layer) does not alter them.
     """
     check_images(model, images)
-    names = [default_layer(model)] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+    names = [default_layer(model, images)] if layers is None else ([layers] if isinstance(layers, str) else list(layers))
     with capture(model, names) as cap:
         model(as_input(images, requires_grad=False))
         return {name: cap.value(name) for name in names}
@@ -40,11 +41,13 @@ def _after_elementwise(items: list[tuple[str, nn.Module]], i: int) -> str:
     return items[i][0]
 
 
-def stage_layers(model: nn.Module, limit: int = 8) -> list[str]:
+def stage_layers(model: nn.Module, limit: int = 8, *, images: Tensor | None = None) -> list[str]:
     """Layers worth showing side by side, shallow to deep: the activation after every conv of a
     flat conv stack (``features.2, features.6, ...`` for ``mnist_cnn``), or for a network built of
-    blocks (a ResNet) each top-level child that holds a conv (``relu, layer1 ... layer4``).
-    At most ``limit``; the deepest ones are kept."""
+    blocks (a ResNet) each top-level child that holds a conv (``relu, layer1 ... layer4``), then the
+    :func:`~cnnvis.vis.hooks.default_layer` for ``images`` unless one of those holds it (a
+    transformer: its patch embedding, then its last block's norm). At most ``limit``; the deepest
+    ones are kept."""
     names: list[str] = []
     children = list(model.named_children())
     for i, (child_name, child) in enumerate(children):
@@ -55,4 +58,7 @@ def stage_layers(model: nn.Module, limit: int = 8) -> list[str]:
             names += [f"{child_name}.{_after_elementwise(items, j)}" for j, (_, m) in enumerate(items) if isinstance(m, nn.Conv2d)]
         elif any(isinstance(m, nn.Conv2d) for m in child.modules()):
             names.append(child_name)
-    return names[-limit:] if names else [default_layer(model)]
+    last = default_layer(model, images)
+    if not any(last == n or last.startswith(n + ".") for n in names):
+        names.append(last)
+    return names[-limit:]

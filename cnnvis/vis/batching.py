@@ -16,8 +16,10 @@ from cnnvis.errors import VisError
 
 #: input elements per forward-only pass, by device type
 FORWARD_ELEMENTS = {"cpu": 2**18, "cuda": 2**24}
-#: input elements per forward + backward pass, by device type
-BACKWARD_ELEMENTS = {"cpu": 2**20, "cuda": 2**22}
+#: input elements per forward + backward pass, by device type: for mnist_cnn on one core 668 digits
+#: per pass (2**19) ran 1.3-1.4x faster than 1337 (2**20) in integrated gradients and the noise
+#: tunnel (benchmarks/vis_speed.py, a shared machine); images of 128 px and more get MIN_BATCH either way
+BACKWARD_ELEMENTS = {"cpu": 2**19, "cuda": 2**22}
 #: elements of the largest activation one pass holds, for passes that know it (incremental occlusion
 #: runs on patches and small deep maps, so its images count for less than their pixels): mnist_cnn's
 #: full forward at the input budget above holds 334 x 16 x 28 x 28 ~ 2**22; for incremental occlusion

@@ -2,7 +2,8 @@
 
     map_c = ReLU( sum_k  w_k^c  A^k )            (Selvaraju et al. 2017, eq. 2)
 
-``A`` is the ``[N, K, h, w]`` output of a conv layer and ``w`` the ``[N, K]`` channel weights,
+``A`` is the ``[N, K, h, w]`` output of a conv layer (or a transformer's tokens on their patch grid,
+see :mod:`cnnvis.vis.layouts`) and ``w`` the ``[N, K]`` channel weights,
 computed from ``A`` and ``dY^c/dA`` by a small weight function (pytorch-grad-cam's design:
 each method only overrides ``get_cam_weights``). The map is then upsampled bilinearly to the
 input resolution. Methods with per-position weights (HiResCAM, LayerCAM) give a map function
@@ -58,14 +59,19 @@ def layer_activations_and_gradients(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(A, dY^c/dA, targets)`` for the layer: one forward, one ``autograd.grad`` down to the layer only."""
     check_images(model, images)
-    name = default_layer(model) if layer is None else layer
+    name = default_layer(model, images) if layer is None else layer
     with capture(model, name, grads=True) as cap:
         logits = model(as_input(images, requires_grad=True))
         t = resolve_targets(targets, logits)
+        layout = cap.layouts.get(name)
+        if layout is not None and (not layout.is_map or len(layout.map_shape()) != 4):
+            # before the backward pass: a layer that is no map is refused without the cost of one
+            why = f": {layout.reason}" if layout.reason else ""
+            raise UnsupportedModelError(f"layer {name!r} outputs shape {list(layout.shape)}, not a spatial map "
+                                        f"[N, C, h, w] or a token grid{why}; pick a convolutional or block layer")
         # summing over the batch is exact: in eval mode each image's score depends on that image only
         grads = cap.gradients(target_scores(logits, t).sum())[name]
         acts = cap.value(name)
-    _check_grid(name, acts)
     return acts, grads.detach(), t
 
 
@@ -73,7 +79,7 @@ def layer_activations(model: nn.Module, images: Tensor, targets: Targets, layer:
                       ) -> tuple[str, Tensor, Tensor, Tensor]:
     """``(layer name, A, logits, targets)`` from one forward pass without autograd."""
     check_images(model, images)
-    name = default_layer(model) if layer is None else layer
+    name = default_layer(model, images) if layer is None else layer
     with capture(model, name) as cap:
         logits = predict(model, images)
         t = resolve_targets(targets, logits)

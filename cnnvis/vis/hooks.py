@@ -15,11 +15,13 @@ user's parameters are never written.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal, Union
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
@@ -28,18 +30,21 @@ from torch.utils.hooks import RemovableHandle
 
 from cnnvis.device import eval_mode
 from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
+from cnnvis.vis.layer_rule import Call, choose_layer
+from cnnvis.vis.layouts import Layout, infer_layout
 
 #: What ``targets`` may be: ``"pred"`` (the model's argmax), one class index for every image,
 #: or one class index per image (list / tuple / 1-D integer tensor).
 Targets = Union[str, int, Sequence[int], Tensor]
 
-# Modules that act element-wise (or per channel) on a conv output; the default layer walks over them
-# so that it lands on "the last conv's activation" rather than on the raw convolution.
+# Modules that act element-wise (or per channel) on a conv output: ``stage_layers`` walks over them
+# so that it lands on "a conv's activation" rather than on the raw convolution.
 _ELEMENTWISE = (
     nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.Identity,
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
 )
+_SHOWN_NAMES = 40  #: an unknown layer lists every name of a model with at most this many
 
 
 # --------------------------------------------------------------------------- layers
@@ -49,52 +54,111 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The submodule called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``, ``"features.13"``)."""
+    """The submodule called ``name`` (dotted path, e.g. ``"layer4.1.conv2"``, ``"features.13"``).
+
+    An unknown name raises :class:`LayerNotFoundError` naming the closest valid names first."""
     if not isinstance(name, str) or not name:
         raise LayerNotFoundError(f"layer must be a non-empty submodule name, got {name!r}; "
-                                 f"valid layer names: {', '.join(layer_names(model))}")
+                                 f"{_listing(layer_names(model))}")
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise LayerNotFoundError(
-            f"no layer {name!r} in {type(model).__name__}; valid layer names: {', '.join(layer_names(model))}"
-        ) from None
+        names = layer_names(model)
+        near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        guess = f"did you mean {', '.join(near)}? " if near else ""
+        raise LayerNotFoundError(f"no layer {name!r} in {type(model).__name__}; {guess}{_listing(names)}") from None
 
 
-def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+def _listing(names: list[str]) -> str:
+    if len(names) <= _SHOWN_NAMES:
+        return f"valid layer names: {', '.join(names)}"
+    return f"{len(names)} layer names in all (cnnvis.vis.layer_names(model) or `cnnvis summary` lists them)"
 
 
-def _is_flat_sequential(module: nn.Module) -> bool:
-    return isinstance(module, nn.Sequential) and all(not any(True for _ in c.children()) for c in module.children())
+def _probe(model: nn.Module, sample: Tensor) -> list[Call]:
+    """Every module call of one forward pass of ``sample``, in the order the calls ended."""
+    clock, ended, open_calls = [0], [], {}
+
+    def pre(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            # attention is often called by keyword (query=x); its first tensor tells tokens from maps
+            first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+            call = Call(name, module, clock[0], input_shape=tuple(first.shape) if first is not None else None)
+            open_calls.setdefault(name, []).append(call)
+            clock[0] += 1
+        return hook
+
+    def post(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_m: nn.Module, _args: tuple, out: object) -> None:
+            call = open_calls[name].pop()
+            call.end, clock[0] = clock[0], clock[0] + 1
+            call.output = out if isinstance(out, Tensor) else None
+            ended.append(call)
+        return hook
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    register = [lambda n=n, m=m: m.register_forward_pre_hook(pre(n, m), with_kwargs=True) for n, m in named]
+    register += [lambda n=n, m=m: m.register_forward_hook(post(n)) for n, m in named]
+    with model_state(model, grad=False), temporary_hooks(register):
+        model(as_input(sample, requires_grad=False))
+    return ended
 
 
-def default_layer(model: nn.Module) -> str:
-    """The layer CAM-family methods and ``activations`` use when none is given.
+def _sample_input(model: nn.Module) -> Tensor:
+    """One zero image of the size the model declares (``model.image_size`` as in a torchvision ViT, timm's
+    ``patch_embed.img_size`` or ``pretrained_cfg``), else 224 x 224, with the first convolution's channels."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no nn.Conv2d layer to tell its input; "
+                                    "pass images or a layer name")
+    cfg = getattr(model, "pretrained_cfg", None)
+    declared = (getattr(model, "image_size", None), getattr(getattr(model, "patch_embed", None), "img_size", None),
+                cfg.get("input_size", (None,))[1:] if isinstance(cfg, dict) else None)
+    size = next((s for s in declared if s), 224)
+    side = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.zeros(1, conv.in_channels, *side, device=conv.weight.device)
 
-    Rule: take the model's last direct child (in registration order) that contains an ``nn.Conv2d``.
-    If that child is a flat ``nn.Sequential`` of plain layers (a conv stack such as
-    ``MnistCNN.features``) look inside it the same way; if the pick is a ``Conv2d`` itself, step
-    forward over the element-wise modules registered right after it (BatchNorm, ReLU, Tanh ...),
-    so the result is the last conv's activation. A child with nested blocks is returned whole.
-    Results: ``layer4`` for torchvision ResNets, ``features.13`` (last ReLU) for ``mnist_cnn``,
-    ``features.6`` (last Tanh) for ``mnist_classic``.
+
+_DEFAULTS: WeakKeyDictionary[nn.Module, dict[tuple, str]] = WeakKeyDictionary()
+
+
+def default_layer(model: nn.Module, images: Tensor | None = None) -> str:
+    """The layer CAM-family methods, ``activations`` and the trust checks use when none is given.
+
+    Found by one probing forward pass of ``images[:1]`` (without ``images``: a zero image of the
+    size the model declares, else 224 x 224) that notes every module call in execution order:
+
+    * **Transformers** (a module called ``*Attention*`` or ``nn.MultiheadAttention`` run on tokens
+      ``[N, T, C]`` or on a channels-last map): the output that feeds the *last* attention, i.e. the
+      last block's first norm (``encoder.layers[-1].ln_1`` in a torchvision ViT, ``blocks[-1].norm1``
+      in timm, ``layers[-1].blocks[-1].norm1`` in a timm Swin), as pytorch-grad-cam recommends. Later
+      outputs do not work in a ViT: only the class token reaches the head after the last attention,
+      so the gradient on every patch token of the last block's output or the final norm is zero and
+      Grad-CAM would be blank; the last attention is where patch tokens still feed the class token.
+    * **CNNs**: the last output in execution order that is a spatial map ``[N, C, h, w]`` with
+      ``h, w > 1`` (``>= 1`` if there is none), not made by a pooling layer -- the features right
+      before the pooling and flatten that feed the head. Of the modules that return that same tensor
+      the outermost is named (a whole stage: ``layer4`` of a ResNet, ``features`` of MobileNet or
+      DenseNet, whose final ReLU is functional), unless it is a flat ``nn.Sequential`` of plain
+      layers; then the layer inside is named (``features.13`` of ``mnist_cnn``, the last ReLU of VGG).
+
+    Token and channels-last outputs are read as maps by :mod:`cnnvis.vis.layouts`. The answer is
+    cached per model, input shape and module structure.
     """
-    container, prefix = model, ""
-    while True:
-        children = list(container.named_children())
-        conv_idx = [i for i, (_, child) in enumerate(children) if _has_conv(child)]
-        if not conv_idx:
-            raise UnsupportedModelError(f"{type(model).__name__} has no nn.Conv2d layer; pass a layer name explicitly")
-        i = conv_idx[-1]
-        name, child = children[i]
-        if isinstance(child, nn.Conv2d):
-            while i + 1 < len(children) and isinstance(children[i + 1][1], _ELEMENTWISE):
-                i += 1
-            return prefix + children[i][0]
-        if not _is_flat_sequential(child):
-            return prefix + name
-        container, prefix = child, f"{prefix}{name}."
+    sample = (images[:1] if images is not None else _sample_input(model)).detach()
+    key = (tuple(sample.shape[1:]), sample.dtype, sample.device, tuple(map(id, model.modules())))
+    cached = _DEFAULTS.setdefault(model, {})
+    if key not in cached:
+        try:
+            calls = _probe(model, sample)
+        except Exception as exc:
+            if images is not None:
+                raise  # the model fails on the caller's own images: its error, as it is
+            raise UnsupportedModelError(f"{type(model).__name__} cannot run a {list(sample.shape)} sample input "
+                                        f"({type(exc).__name__}: {exc}); pass images or a layer name") from exc
+        cached.clear()  # one entry: a new shape or a changed model makes the old answer useless
+        cached[key] = choose_layer(model, calls, tuple(sample.shape[-2:]))
+    return cached[key]
 
 
 # --------------------------------------------------------------------------- targets and inputs
@@ -198,28 +262,40 @@ class Capture:
     when the layer ran: detached, or a differentiable copy with ``live=True``. With ``grads=True``
     :meth:`gradients` returns d(score)/d(that tensor). If a layer runs several times per forward
     (a reused module) the last call counts and a warning says so.
+
+    Values and gradients come as maps ``[N, C, h, w]`` where the layer's output can be read as one
+    (:mod:`cnnvis.vis.layouts`): a transformer's tokens ``[N, P + h*w, C]`` lose their prefix tokens
+    and take the patch grid, channels-last ``[N, h, w, C]`` maps are permuted. Other shapes (a
+    linear layer's ``[N, K]``) come as they are; ``layouts[name]`` says which and, if not a map, why.
     """
 
-    def __init__(self, names: Sequence[str], grads: bool, live: bool) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], grads: bool, live: bool) -> None:
         self.names = list(names)
+        self._model = model
         self._grads = grads
         self._live = live
         self.values: dict[str, Tensor] = {}
+        self.layouts: dict[str, Layout] = {}
         self._edges: dict[str, GradientEdge] = {}
         self._calls: Counter[str] = Counter()
         self._warned: set[str] = set()
+        self._input: tuple[int | None, tuple[int, int] | None] = (None, None)
 
-    def _new_pass(self) -> None:
-        """Called by a pre-hook on the model at the start of every forward pass."""
+    def _new_pass(self, args: tuple) -> None:
+        """Called by a pre-hook on the model at the start of every forward pass, with its arguments."""
         self._calls.clear()
         self.values.clear()
         self._edges.clear()
+        x = args[0] if args else None
+        # the batch and image size tell a token grid or a channels-last map from other shapes
+        self._input = (x.shape[0], tuple(x.shape[-2:])) if isinstance(x, Tensor) and x.ndim == 4 else (None, None)
 
-    def _record(self, name: str, tensor: object) -> None:
+    def _record(self, name: str, tensor: object, module: nn.Module | None) -> None:
         if not isinstance(tensor, Tensor):
             raise UnsupportedModelError(f"layer {name!r} produced a {type(tensor).__name__}, not a tensor")
         self._calls[name] += 1
-        self.values[name] = tensor.clone() if self._live else tensor.detach().clone()
+        layout = self.layouts[name] = infer_layout(self._model, module, tuple(tensor.shape), *self._input)
+        self.values[name] = layout.to_map(tensor.clone() if self._live else tensor.detach().clone())
         if self._grads and tensor.requires_grad:
             self._edges[name] = get_gradient_edge(tensor)
 
@@ -250,11 +326,12 @@ class Capture:
         for name, g in zip(self.names, grads[:len(self.names)]):
             if g is None:
                 raise VisError(f"the target score does not depend on layer {name!r}; pick a layer before the output")
-            out[name] = g
+            out[name] = self.layouts[name].to_map(g)
         return out, tuple(extra)
 
     def clear(self) -> None:
         self.values.clear()
+        self.layouts.clear()
         self._edges.clear()
 
 
@@ -271,18 +348,20 @@ def capture(
 
     Wraps :func:`model_state` (eval mode, autograd on iff ``grads`` or ``live``), validates the names
     before touching the model, and removes its hooks and drops every recorded tensor on exit.
+    Values and gradients are read as ``[N, C, h, w]`` maps where possible (see :class:`Capture`).
     """
     names = [layers] if isinstance(layers, str) else list(layers)
     modules = [get_layer(model, n) for n in names]
-    cap = Capture(names, grads=grads, live=live)
+    cap = Capture(model, names, grads=grads, live=live)
 
     def output_hook(name: str) -> Callable[[nn.Module, tuple, object], None]:
-        return lambda _m, _args, out: cap._record(name, out)
+        return lambda m, _args, out: cap._record(name, out, m)
 
     def input_hook(name: str) -> Callable[[nn.Module, tuple], None]:
-        return lambda _m, args: cap._record(name, args[0] if args else None)
+        return lambda _m, args: cap._record(name, args[0] if args else None, None)
 
-    register: list[Callable[[], RemovableHandle]] = [lambda: model.register_forward_pre_hook(lambda *_: cap._new_pass())]
+    register: list[Callable[[], RemovableHandle]] = [
+        lambda: model.register_forward_pre_hook(lambda _m, args: cap._new_pass(args))]
     for name, module in zip(names, modules):
         if where == "output":
             register.append(lambda m=module, n=name: m.register_forward_hook(output_hook(n)))

@@ -77,21 +77,32 @@ def integrated_gradients(
     alphas, weights = quadrature(method, steps)
     with model_state(model, grad=True):  # everything inside: also correct under a caller's inference_mode
         x = as_input(images, requires_grad=False)
-        try:
-            base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
-        except RuntimeError:
-            raise VisError(f"baseline of shape {tuple(torch.as_tensor(baseline).shape)} does not broadcast to the "
-                           f"images {tuple(x.shape)}") from None
-        a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
-        w = torch.tensor(weights, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
-        n, total_pairs = x.shape[0], x.shape[0] * steps
-        batch = batching_rule(x, batch_size, backward=True)
-        total = torch.zeros_like(x)
+        base = expand_baseline(baseline, x)
         t = resolve_targets(targets, predict(model, x))
-        for start in range(0, total_pairs, batch):
-            q = torch.arange(start, min(start + batch, total_pairs), device=x.device)
-            s, img = q // n, q % n  # step-major order, like Captum
-            path = base[img] + a[s] * (x[img] - base[img])
-            total.index_add_(0, img, grad_of_targets(model, path, t[img]) * w[s])
-        attributions = total * (x - base)
+        attributions = path_attributions(model, x, base, t, alphas, weights, batching_rule(x, batch_size, backward=True))
     return reduce_channels(attributions, reduce)
+
+
+def expand_baseline(baseline: float | Tensor, x: Tensor) -> Tensor:
+    """``baseline`` (a scalar or a tensor broadcastable to ``x``) as a tensor of ``x``'s shape."""
+    try:
+        return torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    except RuntimeError:
+        raise VisError(f"baseline of shape {tuple(torch.as_tensor(baseline).shape)} does not broadcast to the "
+                       f"images {tuple(x.shape)}") from None
+
+
+def path_attributions(model: nn.Module, x: Tensor, base: Tensor, targets: Tensor, alphas: list[float],
+                      weights: list[float], batch: int) -> Tensor:
+    """``(x - base) * sum_s w_s dF(base + a_s (x - base))/dx`` ``[N, C, H, W]`` for resolved ``targets``,
+    ``batch`` (step, image) pairs per pass; call inside ``model_state(model, grad=True)``."""
+    a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+    w = torch.tensor(weights, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+    n, total_pairs = x.shape[0], x.shape[0] * len(alphas)
+    total = torch.zeros_like(x)
+    for start in range(0, total_pairs, batch):
+        q = torch.arange(start, min(start + batch, total_pairs), device=x.device)
+        s, img = q // n, q % n  # step-major order, like Captum
+        path = base[img] + a[s] * (x[img] - base[img])
+        total.index_add_(0, img, grad_of_targets(model, path, targets[img]) * w[s])
+    return total * (x - base)

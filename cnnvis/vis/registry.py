@@ -21,6 +21,8 @@ from cnnvis.errors import UnknownMethodError, VisError
 from cnnvis.vis.ablationcam import ablationcam
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
+from cnnvis.vis.deconvnet import deconvnet
+from cnnvis.vis.deepdream import deepdream
 from cnnvis.vis.eigencam import eigencam
 from cnnvis.vis.filters import filters
 from cnnvis.vis.fullgrad import fullgrad
@@ -30,14 +32,15 @@ from cnnvis.vis.guided_backprop import guided_backprop
 from cnnvis.vis.guided_gradcam import guided_gradcam
 from cnnvis.vis.hirescam import hirescam
 from cnnvis.vis.hooks import Targets, capture, check_images, predict, resolve_targets
+from cnnvis.vis.input_x_gradient import input_x_gradient
 from cnnvis.vis.integrated_gradients import integrated_gradients
 from cnnvis.vis.layercam import layercam
 from cnnvis.vis.maps import NormalizeMode
 from cnnvis.vis.maximize import maximize
+from cnnvis.vis.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from cnnvis.vis.occlusion import occlusion, occlusion_maps
 from cnnvis.vis.saliency import saliency
 from cnnvis.vis.scorecam import scorecam
-from cnnvis.vis.smoothgrad import smoothgrad
 from cnnvis.vis.xgradcam import xgradcam
 
 Kind = Literal["heatmap", "activations", "filters", "images"]
@@ -134,8 +137,25 @@ _SPECS = [
           "gradients integrated along a path from a baseline image (Sundararajan et al. 2017)",
           _no_layer(integrated_gradients), needs_layer=False, normalize="signed"),
     _spec("maximize", maximize, "images",
-          "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009)",
+          "synthetic input maximising a class logit or a layer channel (Erhan et al. 2009; Olah et al. 2017)",
           _run_maximize, needs_layer=False, accepts_layer=True, exclude=("layer", "device")),
+    # gradient family. Normalisation: deconvnet's reconstruction is read by magnitude like guided
+    # backprop's (maxabs); input x gradient is signed (evidence for and against); the squared mean and
+    # the variance are non-negative with a meaningful zero (no attribution, no variation), so they
+    # are scaled from 0 (maxabs) -- minmax would paint the least-varying pixel black however large it is.
+    _spec("deconvnet", deconvnet, "heatmap",
+          "input gradient with ReLUs that pass the positive backward signal (Zeiler & Fergus 2014)",
+          _no_layer(deconvnet), needs_layer=False, normalize="maxabs"),
+    _spec("input-x-gradient", input_x_gradient, "heatmap", "input times its gradient, signed (Shrikumar et al. 2016)",
+          _no_layer(input_x_gradient), needs_layer=False, normalize="signed"),
+    _spec("smoothgrad-sq", smoothgrad_sq, "heatmap",
+          "squared gradients averaged over noisy copies (Hooker et al. 2019)",
+          _no_layer(smoothgrad_sq), needs_layer=False, normalize="maxabs"),
+    _spec("vargrad", vargrad, "heatmap", "variance of the gradient over noisy copies (Adebayo et al. 2018)",
+          _no_layer(vargrad), needs_layer=False, normalize="maxabs"),
+    _spec("deepdream", deepdream, "images",
+          "the images changed to amplify a layer's activations, over several scales (Mordvintsev et al. 2015)",
+          lambda model, images, targets, layer, **p: deepdream(model, images, layer, **p), needs_layer=True),
     # the CAM family beyond Grad-CAM
     _spec("xgradcam", xgradcam, "heatmap", "activations weighted by activation-scaled gradients (Fu et al. 2020)",
           _with_layer(xgradcam), needs_layer=True, normalize="minmax"),

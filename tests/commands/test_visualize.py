@@ -104,17 +104,23 @@ def test_no_options_draws_every_method_but_the_slow_ones_into_the_run_and_tensor
     assert occlusion["parameters"]["window"] == [3, 3] and occlusion["parameters"]["incremental"] == "auto"
     assert occlusion["computation"].startswith("incremental (exact")  # or "full forward: <why>"
     assert sidecar(folder / "occlusion" / "predicted-class.png")["computation"] == occlusion["computation"]
+    dream = sidecar(folder / "deepdream" / "features.10.png")
+    assert dream["layer"] == "features.10" and dream["parameters"]["steps"] == 20 and dream["octave_sizes"] == [[20, 20]]
+    assert all(a > b for a, b in zip(dream["layer_mean_square_after"], dream["layer_mean_square_before"]))
     assert f"pictures in {folder}" in out
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
     tags = set(events.Tags()["images"])
-    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/scorecam/features.13"} <= tags
+    assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/scorecam/features.13",
+            "visualize/deepdream/features.10"} <= tags
 
 
 def test_a_slow_method_is_drawn_when_asked_for(run):
     invoke(run, "-m", "maximize", "--images", "2")
     drawn = sidecar(run / "visualizations" / "maximize" / "classes.png")
     assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
+    assert drawn["parameters"]["recipe"]["param"] == "pixel"  # 20 px: too small for the Fourier recipe
+    assert drawn["parameters"]["mean"] == list(load_run(run).spec.mean)
     assert "images" not in drawn and "targets" not in drawn  # drawn from noise: no explained images to list
     events = EventAccumulator(str(run), size_guidance={"images": 0})
     events.Reload()
@@ -143,6 +149,13 @@ def test_one_method_chosen_layer_true_target_and_out_dir(run, tmp_path):
     assert "gradcam" in out and "features.6" in out
     assert not (run / "visualizations").exists()
     assert not list(run.glob("events.out.tfevents*")), "--no-tensorboard wrote events"
+
+
+def test_maximize_on_a_layer_draws_its_channels(run, tmp_path):
+    invoke(run, "-m", "maximize", "--layer", "features.2", "--out", tmp_path, "--no-tensorboard")
+    meta = sidecar(tmp_path / "maximize" / "features.2.png")
+    assert meta["layer"] == "features.2" and meta["objective"] == "channel"
+    assert meta["channels"] == list(range(16)) and meta["parameters"]["recipe"]["param"] == "pixel"
 
 
 def test_a_class_name_as_target(run):
@@ -222,6 +235,19 @@ def test_cam_needs_a_gap_linear_head(tmp_path):
     loaded = load_run(run_dir)
     with pytest.raises(UnsupportedModelError):
         Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "out").run_methods(["cam"])
+    # named with others, an unsupported method is one line and the others are drawn
+    out = invoke(run_dir, "--images", "2", "--no-tensorboard", "-m", "cam", "-m", "saliency", "--out", tmp_path / "both")
+    assert out.count("skipped cam: CAM needs a model ending in global average pooling") == 1
+    assert (tmp_path / "both" / "saliency" / "saliency.png").is_file() and not (tmp_path / "both" / "cam").exists()
+    result = Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "lib").run_methods(
+        ["cam", "gradcam", "saliency"], ["classifier.1"])  # a Linear layer: no map for Grad-CAM either
+    assert [s.method for s in result.skipped] == ["cam", "gradcam"]
+    assert [w.method for w in result.written] == ["saliency"]
+    # every method named is unsupported: one error naming each
+    visualizer = Visualizer(loaded, dataset_images(loaded, "test", 2), tmp_path / "none")
+    with pytest.raises(UnsupportedModelError, match=r"^cam: CAM needs .* instead; gradcam: layer 'classifier.1' outputs shape \[2, 128\], not a spatial map"):
+        visualizer.run_methods(["cam", "gradcam"], ["classifier.1"])
+    assert "\n" not in str(visualizer.result.skipped)
 
 
 def test_visualizing_leaves_the_model_as_it_was(trained, tmp_path):

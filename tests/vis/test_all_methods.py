@@ -12,9 +12,12 @@ NAMES = method_names()
 # small settings so the whole matrix stays fast; the defaults are exercised in test_registry
 FAST = {
     "smoothgrad": {"samples": 4},
+    "smoothgrad-sq": {"samples": 4},
+    "vargrad": {"samples": 4},
     "integrated-gradients": {"steps": 6},
     "maximize": {"steps": 4},
     "occlusion": {"window": 3, "stride": 2},
+    "deepdream": {"steps": 3},
 }
 TARGETS = [0, 1, 2, 3]
 
@@ -36,6 +39,7 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 def test_registry_has_the_documented_methods() -> None:
     assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
                      "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
+                     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad", "deepdream",
                      "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad"]
 
 

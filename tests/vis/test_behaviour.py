@@ -52,6 +52,7 @@ class LeftHalfNet(nn.Module):
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "occlusion", "saliency", "integrated-gradients",
                                     "smoothgrad", "guided-backprop", "guided-gradcam", "cam",
+                                    "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad",
                                     "xgradcam", "layercam", "hirescam", "scorecam", "ablationcam"])
 def test_maps_put_their_mass_on_the_half_the_model_reads(method: str) -> None:
     model = LeftHalfNet().eval()
@@ -92,7 +93,7 @@ def test_guided_backprop_leaves_resnet_intact() -> None:
     torch.testing.assert_close(model(images), reference(images))
 
 
-@pytest.mark.parametrize("method", ["guided-backprop", "guided-gradcam"])
+@pytest.mark.parametrize("method", ["guided-backprop", "guided-gradcam", "deconvnet"])
 def test_guided_methods_refuse_a_model_without_relu(method: str) -> None:
     model = build_model("mnist_classic", 10)  # tanh everywhere
     before = snapshot(model)

@@ -9,7 +9,7 @@ from vis_helpers import assert_untouched, snapshot
 from cnnvis.models import build_model
 from cnnvis.vis import integrated_gradients, saliency
 from cnnvis.vis.fused import gradient_copy
-from cnnvis.vis.guided_backprop import guided_relus
+from cnnvis.vis.rectifier_rules import rectifier_rule
 
 
 def test_the_copy_gives_the_models_gradients_and_leaves_the_model_alone() -> None:
@@ -46,7 +46,7 @@ def test_changed_weights_are_never_explained_with_a_stale_copy() -> None:
 def test_no_copy_is_traced_under_a_torch_function_mode_or_off_the_cpu_path() -> None:
     model = build_model("mnist_cnn", 10, 1, 28).eval()
     images = torch.randn(2, 1, 28, 28)
-    with guided_relus():
+    with rectifier_rule("guided"):
         assert gradient_copy(model, images)[0] is model  # would bake guided ReLUs into the copy
     assert gradient_copy(model, images.double())[0] is model
     assert gradient_copy(model, images)[0] is not model

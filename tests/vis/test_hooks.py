@@ -20,29 +20,97 @@ from cnnvis.vis import (
 )
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("mnist_cnn", "features.13"), ("mnist_classic", "features.6"), ("resnet18", "layer4"), ("resnet50", "layer4"),
+@pytest.mark.parametrize("arch, size, expected", [
+    ("mnist_cnn", 28, "features.13"), ("mnist_classic", 28, "features.6"), ("resnet18", 64, "layer4"),
+    ("resnet50", 64, "layer4"), ("resnet_small", 64, "layer4"),
 ])
-def test_default_layer_is_the_last_conv_stage(arch: str, expected: str) -> None:
-    model = build_model(arch, 10, in_channels=3 if arch.startswith("resnet") else 1)
-    assert default_layer(model) == expected
+def test_default_layer_is_the_last_conv_stage(arch: str, size: int, expected: str) -> None:
+    channels = 3 if arch.startswith("resnet") else 1
+    model = build_model(arch, 10, in_channels=channels)
+    assert default_layer(model, torch.randn(2, channels, size, size)) == expected
+    assert default_layer(model) == expected  # no images: a sample of the size the model declares, else 224 px
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_default_layer_for_a_plain_sequential_and_errors() -> None:
     seq = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2), nn.ReLU(),
                         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3))
-    assert default_layer(seq) == "4"
-    with pytest.raises(UnsupportedModelError, match="no nn.Conv2d"):
-        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
+    assert default_layer(seq, torch.randn(1, 1, 12, 12)) == "4"  # the last ReLU, not the pooled maps after it
+    with pytest.raises(UnsupportedModelError, match="no spatial feature map"):
+        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), torch.randn(1, 1, 4, 4))
+    with pytest.raises(UnsupportedModelError, match="no nn.Conv2d layer to tell its input; pass images"):
+        default_layer(nn.Sequential(nn.Flatten(), nn.Linear(16, 2)))
 
 
-def test_unknown_layer_lists_the_valid_names() -> None:
+def test_the_probe_leaves_the_model_as_it_was() -> None:
+    model = mixed_state(TinyCNN())
+    before = snapshot(model)
+    with torch.inference_mode():
+        assert default_layer(model, torch.randn(3, 1, 8, 8)) == "features.6"
+    assert_untouched(model, before)  # hooks gone, train/eval per submodule, requires_grad, BN statistics
+
+
+def test_default_layer_follows_execution_order_not_registration_order() -> None:
+    class Backwards(nn.Module):  # registers its head first and its stem last
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            self.deep = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+            self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.deep(self.stem(x)).mean(dim=(2, 3)))
+
+    model = Backwards()
+    assert default_layer(model, torch.randn(1, 1, 8, 8)) == "deep.1"
+    # the answer is cached per input shape, and a changed model is probed again
+    model.deep = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    assert default_layer(model, torch.randn(1, 1, 8, 8)) == "deep.1"
+    model.deep.append(nn.Conv2d(4, 4, 1))
+    assert default_layer(model, torch.randn(1, 1, 8, 8)) == "deep.3"
+
+
+def test_a_transformer_calling_its_attention_by_keyword_gets_the_norm_before_it() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.norm(x)
+            return x + self.attn(query=y, key=y, value=y, need_weights=False)[0]
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patches = nn.Conv2d(3, 8, 4, stride=4)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.blocks(self.patches(x).flatten(2).transpose(1, 2))
+            return self.head(tokens.mean(dim=1))
+
+    model = Tiny()
+    assert default_layer(model, torch.randn(1, 3, 16, 16)) == "blocks.1.norm"  # not the patch embedding
+
+
+def test_unknown_layer_names_the_nearest_ones_first() -> None:
     model = build_model("mnist_cnn", 10)
     with pytest.raises(LayerNotFoundError) as info:
         get_layer(model, "features.99")
     message = str(info.value)
-    assert "features.99" in message and "features.13" in message and "avgpool" in message and "fc" in message
+    assert message.startswith("no layer 'features.99' in MnistCNN; did you mean features.9")
+    assert "features.13" in message and "avgpool" in message and "fc" in message  # a small model: every name
     assert get_layer(model, "features.0") is model.features[0]
+    big = build_model("resnet50", 10, in_channels=3)
+    with pytest.raises(LayerNotFoundError) as info:
+        get_layer(big, "layer5")
+    message = str(info.value)
+    guesses, rest = message.split("?", 1)
+    assert "did you mean" in guesses and "layer4" in guesses  # the near names, not 150 of them
+    assert "layer4.2.conv3" not in message and "150 layer names in all" in rest and "\n" not in message
 
 
 def test_targets_are_normalised_once() -> None:

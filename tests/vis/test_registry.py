@@ -17,7 +17,7 @@ def test_every_spec_is_complete() -> None:
         assert (spec.normalize is not None) == (spec.kind == "heatmap")
     assert [n for n, s in METHODS.items() if s.requires_gap_linear] == ["cam"]
     assert {n for n, s in METHODS.items() if s.needs_layer} == {
-        "activations", "filters", "gradcam", "gradcam++", "guided-gradcam",
+        "activations", "filters", "gradcam", "gradcam++", "guided-gradcam", "deepdream",
         "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam"}
     assert METHODS["integrated-gradients"].defaults["steps"] == 50
     assert METHODS["occlusion"].defaults["score"] == "prob"
