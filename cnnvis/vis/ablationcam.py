@@ -22,6 +22,8 @@ whole network then runs per copy, as in pytorch-grad-cam). A channel that is alr
 ablation value (a dead ReLU channel) does not change by ablation: it gets weight 0 without a pass.
 Passes are ``batch_size`` copies (:mod:`~cnnvis.vis.batching`, counted by the layer's
 activation size) under ``torch.inference_mode``; progress goes to :func:`~cnnvis.vis.progress.advance`.
+Transformer tokens and channels-last outputs are ablated on their map (:mod:`~cnnvis.vis.layouts`)
+and handed on in the layer's own layout, prefix tokens untouched.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from cnnvis.vis.batching import batch_size as batching_rule
 from cnnvis.vis.cam_base import layer_activations, weighted_map
 from cnnvis.vis.hooks import (
     Targets,
+    capture,
     get_layer,
     model_state,
+    predict,
     target_scores,
     temporary_hooks,
 )
@@ -63,10 +67,13 @@ def ablated_scores(model: nn.Module, images: Tensor, layer: str, acts: Tensor, l
     for i, c in changes.nonzero().tolist():  # one host copy: which passes to run
         per_image[i].append(c)
     step = batching_rule(images, batch_size, activation_elements=acts[0].numel())
+    with capture(model, layer) as cap:  # how the layer's own output reads as maps (tokens, channels last)
+        predict(model, images[:1])
+        layout = cap.layouts[layer]
     feed: list[Tensor] = []
     module = get_layer(model, layer)
     with model_state(model, grad=False), torch.inference_mode(), \
-            temporary_hooks([lambda: module.register_forward_hook(lambda _m, _a, _out: feed[0])]):
+            temporary_hooks([lambda: module.register_forward_hook(lambda _m, _a, out: layout.from_map(feed[0], out))]):
         feed.append(acts[:1].repeat(2, 1, 1, 1))
         single = _reproduces(model, images[:1], logits[0])
         done, total = 0, sum(map(len, per_image))

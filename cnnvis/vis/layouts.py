@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 Kind = Literal["channels_first", "channels_last", "tokens", "other"]
@@ -59,6 +60,17 @@ class Layout:
             h, w = self.grid
             return x[:, self.prefix:].reshape(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2)
         return x
+
+    def from_map(self, maps: Tensor, like: Tensor) -> Tensor:
+        """``[B, C, h, w]`` maps back in this layer's own layout (what its next module reads); ``like``
+        is an output of the layer (batch 1 or B) whose prefix tokens are kept for every map."""
+        if self.kind == "channels_last":
+            return maps.permute(0, 2, 3, 1)
+        if self.kind == "tokens":
+            b, c = maps.shape[:2]
+            grid = maps.permute(0, 2, 3, 1).reshape(b, -1, c)
+            return torch.cat([like[:, :self.prefix].expand(b, -1, -1), grid], dim=1)
+        return maps
 
     def map_shape(self) -> tuple[int, ...]:
         """The ``[N, C, h, w]`` shape :meth:`to_map` gives (the raw shape for ``other``)."""

@@ -143,3 +143,29 @@ def test_every_cam_method_takes_aug_smooth(name: str) -> None:
     assert METHODS[name].defaults["aug_smooth"] is False
     maps = run_method(name, TinyCNN(), torch.randn(2, 1, 12, 10), [1, 2], aug_smooth=True)
     assert maps.shape == (2, 12, 10) and maps.min() >= 0 and maps.max() <= 1 and (maps > 0).any()
+
+
+def test_ablation_of_transformer_tokens_keeps_the_class_token_and_the_token_layout() -> None:
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                              num_classes=3).eval()
+    images, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    layer = "encoder.layers.encoder_layer_0.ln_1"
+    _, acts, logits, _ = layer_activations(model, images, t, layer)
+    assert acts.shape == (2, 8, 2, 2)  # tokens read as a 2 x 2 patch grid
+    ours = ablated_scores(model, images, layer, acts, logits, t, batch_size=3)
+    module = model.get_submodule(layer)
+    for i in range(2):
+        for k in range(8):
+            def ablate(_m, _a, out, k=k, i=i):
+                out = out.clone()
+                low = acts[i].min()
+                out[:, 1:, k] = 0 if low == 0 else low - 1e7  # the patch tokens only, not the class token
+                return out
+            handle = module.register_forward_hook(ablate)
+            with torch.no_grad():
+                want = model(images[i : i + 1])[0, t[i]]
+            handle.remove()
+            torch.testing.assert_close(ours[i, k], want, rtol=1e-4, atol=1e-3)
