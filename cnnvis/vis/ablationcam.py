@@ -15,10 +15,12 @@ negative values; pytorch-grad-cam lowers this value further for each later copy 
 the same value for every channel).
 
 ``N x K`` forward passes, but only of the part of the network after the layer: a forward hook on
-the layer returns the batch of ablated copies, and the layer's input is the single image (the
-rest of the network broadcasts it, e.g. a residual branch). This is checked once per call on
-unablated copies; where it does not reproduce the logits the image is repeated instead (the
-whole network then runs per copy, as in pytorch-grad-cam). A channel that is already all at the
+the layer returns the batch of ablated copies, and the network's input is one image per pass (the
+rest of the network broadcasts it, e.g. a residual branch) -- or only a 32 px crop of it when
+nothing after the layer reads anything but the layer's output (a whole ResNet stage), so the
+network before the layer costs next to nothing. Both are checked once per call on unablated
+copies; where neither reproduces the logits the image is repeated instead (the whole network then
+runs per copy, as in pytorch-grad-cam). A channel that is already all at the
 ablation value (a dead ReLU channel) does not change by ablation: it gets weight 0 without a pass.
 Passes are ``batch_size`` copies (:mod:`~cnnvis.vis.batching`, counted by the layer's
 activation size) under ``torch.inference_mode``; progress goes to :func:`~cnnvis.vis.progress.advance`.
@@ -47,6 +49,8 @@ from cnnvis.vis.hooks import (
 
 #: below the smallest activation, for layers whose activations never reach 0
 ABLATION_OFFSET = 1e7
+#: side of the crop fed to the network when only the hooked layer's output matters after it
+SMALL_INPUT = 32
 
 
 def ablation_values(acts: Tensor) -> Tensor:
@@ -75,7 +79,11 @@ def ablated_scores(model: nn.Module, images: Tensor, layer: str, acts: Tensor, l
     with model_state(model, grad=False), torch.inference_mode(), \
             temporary_hooks([lambda: module.register_forward_hook(lambda _m, _a, out: layout.from_map(feed[0], out))]):
         feed.append(acts[:1].repeat(2, 1, 1, 1))
-        single = _reproduces(model, images[:1], logits[0])
+        # what goes into the network per pass: a small crop of the image when nothing after the layer
+        # reads anything but the layer's output (a whole ResNet stage), else the image, else its copies
+        crop = images[:, :, :SMALL_INPUT, :SMALL_INPUT]
+        small = crop.shape != images.shape and _reproduces(model, crop[:1], logits[0])
+        single = small or _reproduces(model, images[:1], logits[0])
         done, total = 0, sum(map(len, per_image))
         for i, channels in enumerate(per_image):
             for start in range(0, len(channels), step):
@@ -83,7 +91,8 @@ def ablated_scores(model: nn.Module, images: Tensor, layer: str, acts: Tensor, l
                 ablated = acts[i].expand(len(chunk), *acts.shape[1:]).clone()
                 ablated[torch.arange(len(chunk), device=acts.device), chunk] = values[i]
                 feed[0] = ablated
-                x = images[i:i + 1] if single else images[i:i + 1].expand(len(chunk), *images.shape[1:])
+                x = (crop if small else images)[i:i + 1]
+                x = x if single else x.expand(len(chunk), *x.shape[1:])
                 scores[i, chunk] = model(x)[:, targets[i]].to(scores.dtype)
                 done += len(chunk)
                 progress.advance(done, total)

@@ -169,3 +169,21 @@ def test_ablation_of_transformer_tokens_keeps_the_class_token_and_the_token_layo
                 want = model(images[i : i + 1])[0, t[i]]
             handle.remove()
             torch.testing.assert_close(ours[i, k], want, rtol=1e-4, atol=1e-3)
+
+
+def test_ablation_of_a_whole_resnet_stage_feeds_a_small_crop_and_stays_exact() -> None:
+    import sys
+
+    from cnnvis.models import SmallResNet
+
+    ablation_module = sys.modules["cnnvis.vis.ablationcam"]
+    torch.manual_seed(0)
+    model = SmallResNet(3, width=4).eval()
+    images, t = torch.randn(2, 3, 64, 48), torch.tensor([1, 2])
+    _, acts, logits, _ = layer_activations(model, images, t, "layer4")
+    seen: list[tuple[int, ...]] = []
+    handle = model.conv1.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    ours = ablation_module.ablated_scores(model, images, "layer4", acts, logits, t, batch_size=5)
+    handle.remove()
+    assert seen[-1] == (1, 3, 32, 32)  # the network before layer4 ran on a 32 px crop
+    torch.testing.assert_close(ours, naive_scores(model, images, "layer4", t, ablate=True), rtol=1e-4, atol=1e-4)
