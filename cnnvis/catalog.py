@@ -19,12 +19,9 @@ METHOD_NAMES: tuple[str, ...] = (
 ALL_METHODS = "all"
 
 #: methods ``cnnvis visualize`` draws only when asked for by name or with ``-m all``: name -> why,
-#: with the time measured for its default 8 images on a 2-core CPU (``benchmarks/RESULTS.md``)
-SLOW_METHODS: dict[str, str] = {
-    "maximize": "hundreds of optimisation steps per class: 82 s for the digit net, 178 s for flowers5's "
-                "resnet_small, on 2 shared CPU cores",
-}
-
+#: with its time for the default 8 images on a 2-core CPU. None at present: on the digit net and on
+#: flowers5's resnet_small every method takes seconds (``benchmarks/RESULTS.md``, section 11)
+SLOW_METHODS: dict[str, str] = {}
 
 def default_methods() -> tuple[str, ...]:
     """What ``cnnvis visualize`` draws without ``-m``: every method except :data:`SLOW_METHODS`."""

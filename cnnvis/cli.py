@@ -208,7 +208,8 @@ class Split(str, Enum):
 
 _DEFAULT_SET = (
     f"Without -m every method is drawn except the slow ones: {'; '.join(f'{k} ({v})' for k, v in SLOW_METHODS.items())}. "
-    "Ask for them by name, or for everything with -m all." if SLOW_METHODS else "Without -m every method is drawn."
+    "Ask for them by name, or for everything with -m all." if SLOW_METHODS
+    else "Without -m (or with -m all) every method is drawn."
 )
 
 
