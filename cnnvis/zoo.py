@@ -175,8 +175,10 @@ def _timm() -> Any:
 
 def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     """timm's resolved data config: input size, crop fraction, interpolation, mean and std."""
-    timm = _timm()
-    config = timm.data.resolve_data_config({}, model=model)
+    return _timm_preprocessing(_timm().data.resolve_data_config({}, model=model))
+
+
+def _timm_preprocessing(config: dict[str, Any]) -> Preprocessing:
     _, height, width = config["input_size"]
     crop_pct = float(config.get("crop_pct") or 1.0)
     return Preprocessing(crop=(int(height), int(width)), resize=int(round(min(height, width) / crop_pct)),
@@ -214,6 +216,26 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
 
 
 # --------------------------------------------------------------------------- both
+def weights_preprocessing(source: str, weights: str | None) -> Preprocessing | None:
+    """The preprocessing named weights come with, read from the library's tables: nothing is built
+    or downloaded (so a run rebuilt offline normalises its images as it was trained). None for a
+    weights file, random weights, or weights that say nothing."""
+    parsed = parse_source(source)
+    weights = _normalise_weights(weights)
+    if parsed is None or weights is None or _weights_file(weights) is not None:
+        return None
+    library, name = parsed
+    if library == "torchvision":
+        named = _torchvision_weights(name, weights)
+        return preprocessing_from_torchvision(named) if named is not None else None
+    timm = _timm()
+    tag = name if weights in ("pretrained", "DEFAULT") else f"{name.split('.')[0]}.{weights}"
+    config = timm.models.get_pretrained_cfg(tag)
+    if config is None:
+        return None
+    return _timm_preprocessing(timm.data.resolve_data_config(pretrained_cfg=config.to_dict()))
+
+
 def build_zoo_model(source: str, weights: str | None = None, num_classes: int | None = None) -> ZooModel:
     """The model ``source`` names (``torchvision:NAME`` / ``timm:NAME``) with ``weights`` loaded.
 
