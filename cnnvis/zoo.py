@@ -222,7 +222,12 @@ def weights_preprocessing(source: str, weights: str | None) -> Preprocessing | N
     weights file, random weights, or weights that say nothing."""
     parsed = parse_source(source)
     weights = _normalise_weights(weights)
-    if parsed is None or weights is None or _weights_file(weights) is not None:
+    if parsed is None or weights is None:
+        return None
+    try:
+        if _weights_file(weights) is not None:
+            return None
+    except CheckpointError:  # a weights file that is gone (a run rebuilt elsewhere) says nothing either
         return None
     library, name = parsed
     if library == "torchvision":
