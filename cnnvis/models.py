@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from cnnvis.config import ARCHITECTURES, MODEL_LIBRARIES
+from cnnvis.config import ARCHITECTURES, MODEL_LIBRARIES, Config
 from cnnvis.errors import CheckpointError, ConfigError
 from cnnvis.zoo import LIBRARIES, build_zoo_model, find_head, parse_source
 
@@ -310,25 +310,28 @@ def set_train_mode(model: nn.Module, freeze: str) -> None:
     head_module(model).train()
 
 
-def describe_model(arch: str, pretrained: str | None, freeze: str, model: nn.Module, image_size: int,
-                   normalization: str | None = None) -> list[str]:
+def describe_model(config: Config, model: nn.Module) -> list[str]:
     """What a run's header says about its model: source and weights, head, what trains, inputs."""
+    from cnnvis.data.transforms import photo_statistics
+
+    m = config.model
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     try:
         head = f"head {find_head(model)[0]}, "
     except CheckpointError:
         head = ""
-    lines = [f"{arch}, {'weights ' + str(pretrained) if pretrained else 'random weights'}",
+    lines = [f"{m.arch}, {'weights ' + str(m.pretrained) if m.pretrained else 'random weights'}",
              f"{head}{trained:,} of {total:,} parameters train"]
-    if freeze == "backbone":
+    if m.freeze == "backbone":
         lines.append("backbone frozen, in eval mode (BatchNorm keeps its statistics)")
-    if normalization:
-        lines.append(f"images normalised with {normalization}")
-    if pretrained and parse_source(arch) is not None:
+    if config.data.dataset != "mnist":
+        lines.append(f"images normalised with {photo_statistics(config)[2]}")
+    if m.pretrained and parse_source(m.arch) is not None:
         from cnnvis.zoo import weights_preprocessing
 
-        known = weights_preprocessing(arch, pretrained)
-        if known is not None and known.crop[0] != image_size:
-            lines.append(f"the weights were trained at {known.crop[0]} px; this run feeds {image_size} px")
+        known = weights_preprocessing(m.arch, m.pretrained)
+        size = config.data.transforms.image_size
+        if known is not None and known.crop[0] != size:
+            lines.append(f"the weights were trained at {known.crop[0]} px; this run feeds {size} px")
     return lines

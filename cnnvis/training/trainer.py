@@ -22,7 +22,7 @@ from cnnvis.checkpoint import (
     save_checkpoint,
 )
 from cnnvis.config import Config, config_to_dict, save_config
-from cnnvis.data import DataBundle, build_data, photo_statistics
+from cnnvis.data import DataBundle, build_data
 from cnnvis.device import (
     amp_dtype,
     autocast,
@@ -113,11 +113,8 @@ class Trainer:
                                 world_size=self.world.size)
         # frozen backbone, nothing random: the head trains on features computed once (training/features.py)
         self.fast, fast_lines = plan_fast_path(config, model, self.data, self.device, self.amp, self.run_dir, self.world.size)
-        if self.fast is not None:
-            self.train_model = self.fast.head
-        stats = None if config.data.dataset == "mnist" else photo_statistics(config)[2]
-        self.state.notes = [("model", describe_model(config.model.arch, config.model.pretrained, config.model.freeze, model,
-                                                     spec.image_size, stats)), *([("fast", fast_lines)] if fast_lines else [])]
+        self.train_model = self.fast.head if self.fast is not None else self.train_model
+        self.state.notes = [("model", describe_model(config, model)), *([("fast", fast_lines)] if fast_lines else [])]
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
         #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
         self.finished: dict[str, Any] | None = None
@@ -155,8 +152,7 @@ class Trainer:
             "rng": rng[0],
             **({"rng_per_rank": rng} if len(rng) > 1 else {}),
             "config": config_to_dict(self.config),
-            # arch is the source (torchvision:NAME ...): every later command rebuilds it with random weights, offline,
-            # then loads "model"; the starting weights' name is kept to say what the run began from
+            # arch names the source (torchvision:NAME ...): later commands build it with random weights and load "model"
             "meta": {"arch": self.config.model.arch, "weights": self.config.model.pretrained, **self.data.spec.to_dict()},
         }
 

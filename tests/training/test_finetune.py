@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_helpers import cli, make_images, only_run, weights_only, write_config
 from PIL import Image
 from torchvision import models as tv_models
 
-from cli_helpers import cli, make_images, only_run, weights_only, write_config
 from cnnvis.config import build_config, load_config
 from cnnvis.training.features import FastPath, fast_path_blocker
 from cnnvis.training.trainer import Trainer
@@ -39,43 +39,44 @@ def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_frozen_library_backbone_trains_only_its_head_and_explains_offline(tmp_path, folder, resnet_file, no_network):
-    weights = tmp_path / "weights.pt"
-    shutil.copy(resnet_file, weights)
-    config = write_config(tmp_path / "ft.yaml", folder, data={"transforms": {"image_size": 32}},
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, folder: Path, resnet_file: Path) -> tuple[Path, str, Path]:
+    """``(run, train output, weights file)``: torchvision's ResNet-18 from a weights file, backbone frozen."""
+    base = tmp_path_factory.mktemp("finetuned")
+    weights = Path(shutil.copy(resnet_file, base / "weights.pt"))
+    config = write_config(base / "ft.yaml", folder, data={"transforms": {"image_size": 32}},
                           model={"arch": "torchvision:resnet18", "pretrained": str(weights), "freeze": "backbone"})
-    out = cli("train", config, "--runs-dir", tmp_path / "runs", code=0)
+    out = cli("train", config, "--runs-dir", base / "runs", code=0)
+    return only_run(base / "runs"), out, weights
+
+
+def test_frozen_library_backbone_trains_only_its_head(finetuned):
+    run, out, weights = finetuned
     assert "torchvision:resnet18" in out and "head fc, 1,539 of 11,178,051 parameters train" in out
     assert "backbone frozen, in eval mode" in out and "fast on: frozen backbone" in out
-    run = only_run(tmp_path / "runs")
     saved, start = weights_only(run / "checkpoints" / "best.pt"), torch.load(weights, weights_only=True)
     backbone = [k for k in saved["model"] if not k.startswith("fc.")]
     assert backbone and all(torch.equal(saved["model"][k], start[k]) for k in backbone)  # BatchNorm statistics too
     assert saved["model"]["fc.weight"].shape == (3, 512)
     assert saved["meta"]["arch"] == "torchvision:resnet18" and saved["meta"]["weights"] == str(weights)
     assert sorted(p.name.split("-")[0] for p in (run / "features").iterdir()) == ["train", "val"]
-    weights.unlink()  # later commands rebuild from the checkpoint alone (and here, without network)
+
+
+def test_later_commands_rebuild_the_run_offline(finetuned, tmp_path, no_network):
+    """Every later command builds the architecture with random weights and loads the checkpoint:
+    neither the weights file (gone here) nor named weights (never downloaded again) are needed."""
+    run = Path(shutil.copytree(finetuned[0], tmp_path / "run"))
+    for name in ("best", "last"):  # as if the run had started from torchvision's named weights
+        path = run / "checkpoints" / f"{name}.pt"
+        payload = weights_only(path)
+        payload["config"]["model"]["pretrained"] = "DEFAULT"
+        torch.save(payload, path)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    stored["model"]["pretrained"] = "DEFAULT"
+    (run / "config.yaml").write_text(yaml.safe_dump(stored))
     cli("visualize", run, "-m", "gradcam", "--images", 2, code=0)
     assert list((run / "visualizations").rglob("*.png"))
     assert "1,539 trainable" in cli("summary", run, code=0)
-
-
-def test_named_weights_rebuild_offline_with_their_normalisation(tmp_path, folder, no_network):
-    """A run that began from named weights (DEFAULT) must never fetch them again: every later
-    command builds the architecture with random weights and loads the checkpoint."""
-    config = write_config(tmp_path / "ft.yaml", folder, data={"transforms": {"image_size": 32}},
-                          model={"arch": "timm:resnet18", "freeze": "backbone"})
-    cli("train", config, "--runs-dir", tmp_path / "runs", code=0)
-    run = only_run(tmp_path / "runs")
-    for name in ("best", "last"):  # as if it had been trained from timm's pretrained weights
-        path = run / "checkpoints" / f"{name}.pt"
-        payload = weights_only(path)
-        payload["config"]["model"]["pretrained"] = "a1_in1k"
-        torch.save(payload, path)
-    stored = yaml.safe_load((run / "config.yaml").read_text())
-    stored["model"]["pretrained"] = "a1_in1k"
-    (run / "config.yaml").write_text(yaml.safe_dump(stored))
-    cli("visualize", run, "-m", "gradcam", "--images", 2, code=0)
 
 
 def test_weights_normalisation_comes_from_the_library_tables():
