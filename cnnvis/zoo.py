@@ -155,7 +155,7 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
         model = models.get_model(name, weights=named)
     except (OSError, RuntimeError) as exc:  # the download needs network
         raise ConfigError(f"could not download the torchvision:{name} weights {weights!r}: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          "Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none.") from None
     zoo = ZooModel(model, "torchvision", name, weights)
     if named is not None:
         zoo.preprocessing = preprocessing_from_torchvision(named)
@@ -207,7 +207,7 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
         model = timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"could not download the timm:{name} weights: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          "Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none.") from None
     zoo = ZooModel(model, "timm", name.split(".")[0] if not pretrained else name, weights)
     if pretrained:
         zoo.preprocessing = preprocessing_from_timm(model)
