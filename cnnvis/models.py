@@ -327,6 +327,8 @@ def describe_model(config: Config, model: nn.Module) -> list[str]:
         lines.append("backbone frozen, in eval mode (BatchNorm keeps its statistics)")
     if config.data.dataset != "mnist":
         lines.append(f"images normalised with {photo_statistics(config)[2]}")
+    elif m.arch not in ("mnist_cnn", "mnist_classic", "resnet_small"):
+        lines.append("grey digits: the first convolution reads 1 channel (each filter the mean of its RGB ones)")
     if m.pretrained and parse_source(m.arch) is not None:
         from cnnvis.zoo import weights_preprocessing
 

@@ -63,7 +63,7 @@ def fast_path_blocker(config: Config, world_size: int = 1) -> str | None:
     random = [f"data.transforms.{k}" for k in RANDOM_TRANSFORMS if getattr(t, k)]
     random += [f"train.{k}" for k in ("mixup", "cutmix") if getattr(train, k)]
     if random:
-        return f"random augmentation gives other images every epoch ({', '.join(random)})"
+        return f"random augmentation ({', '.join(random)})"  # other pixels every epoch
     if train.tta_flip:
         return "train.tta_flip evaluates mirror images as well"
     if train.ema:

@@ -98,8 +98,8 @@ def test_a_model_without_a_linear_head_is_one_clear_line(tmp_path, folder):
 # ---------------------------------------------------------------------------- the fast path
 
 
-def _trainer(tmp_path: Path, folder: Path, **train) -> Trainer:
-    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", folder, epochs=2, data={"transforms": {"image_size": 32}},
+def _trainer(tmp_path: Path, folder: Path, data: dict | None = None, **train) -> Trainer:
+    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", folder, epochs=2, data={"transforms": {"image_size": 32}, **(data or {})},
                                       model={"arch": "mnist_cnn", "freeze": "backbone", "dropout": 0.3},
                                       optimizer={"name": "sgd", "lr": 0.1}, scheduler={"name": "step"}, train=train).read_text())
     return Trainer(build_config(raw), runs_dir=tmp_path / "runs", device="cpu")
@@ -170,7 +170,7 @@ def test_header_says_when_augmentation_keeps_the_fast_path_off(tmp_path, folder)
     config = write_config(tmp_path / "c.yaml", folder, data={"transforms": {"image_size": 32, "random_crop": True}},
                           model={"arch": "mnist_cnn", "freeze": "backbone"})
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=0)
-    assert "fast off: random augmentation gives other images every epoch (data.transforms.random_crop)" in out
+    assert "fast off: random augmentation (data.transforms.random_crop) the whole network runs every step" in out
     assert not (only_run(tmp_path / "runs") / "features").exists()
 
 
@@ -178,3 +178,19 @@ def test_shipped_finetune_config_is_valid():
     config = load_config(Path(__file__).resolve().parents[2] / "configs" / "flowers5_finetune.yaml")
     assert config.model.arch.startswith("torchvision:") and config.model.freeze == "backbone"
     assert fast_path_blocker(config) is None
+
+
+def test_fast_path_on_files_read_per_batch_keys_on_the_files(tmp_path, folder):
+    import os
+
+    from cnnvis.training.features import data_key
+
+    data = shutil.copytree(folder, tmp_path / "data")
+    trainer = _trainer(tmp_path, data, data={"in_memory": False}, epochs=1)
+    assert trainer.fast is not None and not hasattr(trainer.data.train, "images")  # a DataLoader
+    trainer.fit()
+    assert trainer.fast.computed == ["train", "val"] and trainer.state.epoch == 1
+    before = data_key(trainer.data.train)
+    path = trainer.data.train.dataset.samples[0][0]
+    os.utime(path, ns=(0, 0))  # an edited file: its modification time moves
+    assert data_key(trainer.data.train) != before
