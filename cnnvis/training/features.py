@@ -247,7 +247,7 @@ class FastPath:
             else:
                 features, labels, _ = extract(self.model, self.head, _in_order(self.sources[split], self.batch_size),
                                               self.device, self.amp)
-                loaded = features, labels
+                loaded = features.clone(), labels.clone()  # normal tensors: inference-mode ones refuse autograd
                 own = self.run_dir / FEATURES_DIR / self.files[split]
                 for stale in own.parent.glob(f"{split}-*.pt"):  # another data set's or weights' features
                     stale.unlink(missing_ok=True)
