@@ -194,3 +194,13 @@ def test_fast_path_on_files_read_per_batch_keys_on_the_files(tmp_path, folder):
     path = trainer.data.train.dataset.samples[0][0]
     os.utime(path, ns=(0, 0))  # an edited file: its modification time moves
     assert data_key(trainer.data.train) != before
+
+
+def test_library_prefix_is_checked_in_the_config():
+    from cnnvis.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown model library 'keras'; write torchvision:NAME or timm:NAME"):
+        build_config({"model": {"arch": "keras:resnet50"}})
+    with pytest.raises(ConfigError, match="names no model"):
+        build_config({"model": {"arch": "timm:"}})
+    assert build_config({"model": {"arch": "torchvision:no_such_net"}}).model.arch == "torchvision:no_such_net"
