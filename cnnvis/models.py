@@ -218,10 +218,26 @@ def _resnet(arch: str, num_classes: int, in_channels: int, pretrained: str | Non
     return model
 
 
-def _library_model(source: str, num_classes: int, in_channels: int, pretrained: str | None, dropout: float) -> nn.Module:
+def _fixed_input_size(model: nn.Module) -> int | None:
+    """The one image side a model accepts (vision transformers with fixed position embeddings), or None."""
+    size = getattr(model, "image_size", None)  # torchvision's VisionTransformer
+    embed = getattr(model, "patch_embed", None)  # timm's
+    if size is None and embed is not None and getattr(embed, "strict_img_size", False) \
+            and not getattr(model, "dynamic_img_size", False):
+        size = getattr(embed, "img_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size) if isinstance(size, int) else None
+
+
+def _library_model(source: str, num_classes: int, in_channels: int, image_size: int, pretrained: str | None,
+                   dropout: float) -> nn.Module:
     """A torchvision or timm model with ``pretrained`` weights (a name, a file or None) and a new
     head for ``num_classes``; grey images get the first convolution adapted, as for the ResNets."""
     model = build_zoo_model(source, weights=pretrained, num_classes=num_classes).model
+    fixed = _fixed_input_size(model)
+    if fixed is not None and fixed != image_size:
+        raise ConfigError(f"{source} reads {fixed} px images only, but data.transforms.image_size is {image_size}",
+                          f"Set data.transforms.image_size={fixed}.")
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     if dropout:
@@ -250,7 +266,7 @@ def build_model(
     elif arch in _RESNETS:
         model = _resnet(arch, num_classes, in_channels, pretrained, dropout)
     elif parse_source(arch) is not None:
-        model = _library_model(arch, num_classes, in_channels, pretrained, dropout)
+        model = _library_model(arch, num_classes, in_channels, image_size, pretrained, dropout)
     else:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if pretrained and arch in ("mnist_cnn", "mnist_classic", "resnet_small"):

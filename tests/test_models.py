@@ -211,14 +211,14 @@ def test_resnet_small_is_a_tenth_of_resnet18_with_its_layer_names_and_a_cam_head
 ])
 def test_freeze_backbone_trains_the_head_found_in_any_library_model(arch, trained):
     with torch.device("meta"):  # the structure without the cost of initialising big weights
-        model = build_model(arch, 5, in_channels=3, freeze="backbone")
+        model = build_model(arch, 5, in_channels=3, image_size=224, freeze="backbone")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
     assert [p.shape[0] for p in head_module(model).parameters()] == [5, 5]
 
 
 def test_head_keeps_the_dropout_right_before_it():
     with torch.device("meta"):
-        model = build_model("torchvision:mobilenet_v3_small", 5, in_channels=3)
+        model = build_model("torchvision:mobilenet_v3_small", 5, in_channels=3, image_size=224)
     head = head_module(model)
     assert isinstance(head, nn.Sequential) and isinstance(head[0], nn.Dropout) and head[1] is model.classifier[3]
 
@@ -236,3 +236,9 @@ def test_grey_images_into_an_rgb_library_model():
     model = build_model("torchvision:mobilenet_v3_small", 10, in_channels=1).eval()
     assert model.features[0][0].in_channels == 1
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["torchvision:vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_a_fixed_size_transformer_names_the_size_it_needs(arch):
+    with torch.device("meta"), pytest.raises(ConfigError, match="reads 224 px images only.*image_size=224"):
+        build_model(arch, 5, in_channels=3, image_size=128)
