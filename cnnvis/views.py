@@ -74,6 +74,8 @@ class ProgressListener(Listener):
             f"        from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})",
             f"        {escape(data.pipeline)}",
             *_processes(state),
+            *(f"[bold]{label:<7}[/] {escape(line)}" if i == 0 else f"        {escape(line)}"
+              for label, texts in state.notes for i, line in enumerate(texts)),
         ]
         for line in lines:
             self.console.print(line, soft_wrap=True, highlight=False)

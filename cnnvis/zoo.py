@@ -155,7 +155,7 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
         model = models.get_model(name, weights=named)
     except (OSError, RuntimeError) as exc:  # the download needs network
         raise ConfigError(f"could not download the torchvision:{name} weights {weights!r}: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          "Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none.") from None
     zoo = ZooModel(model, "torchvision", name, weights)
     if named is not None:
         zoo.preprocessing = preprocessing_from_torchvision(named)
@@ -175,8 +175,10 @@ def _timm() -> Any:
 
 def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     """timm's resolved data config: input size, crop fraction, interpolation, mean and std."""
-    timm = _timm()
-    config = timm.data.resolve_data_config({}, model=model)
+    return _timm_preprocessing(_timm().data.resolve_data_config({}, model=model))
+
+
+def _timm_preprocessing(config: dict[str, Any]) -> Preprocessing:
     _, height, width = config["input_size"]
     crop_pct = float(config.get("crop_pct") or 1.0)
     return Preprocessing(crop=(int(height), int(width)), resize=int(round(min(height, width) / crop_pct)),
@@ -205,7 +207,7 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
         model = timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"could not download the timm:{name} weights: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          "Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none.") from None
     zoo = ZooModel(model, "timm", name.split(".")[0] if not pretrained else name, weights)
     if pretrained:
         zoo.preprocessing = preprocessing_from_timm(model)
@@ -214,6 +216,31 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
 
 
 # --------------------------------------------------------------------------- both
+def weights_preprocessing(source: str, weights: str | None) -> Preprocessing | None:
+    """The preprocessing named weights come with, read from the library's tables: nothing is built
+    or downloaded (so a run rebuilt offline normalises its images as it was trained). None for a
+    weights file, random weights, or weights that say nothing."""
+    parsed = parse_source(source)
+    weights = _normalise_weights(weights)
+    if parsed is None or weights is None:
+        return None
+    try:
+        if _weights_file(weights) is not None:
+            return None
+    except CheckpointError:  # a weights file that is gone (a run rebuilt elsewhere) says nothing either
+        return None
+    library, name = parsed
+    if library == "torchvision":
+        named = _torchvision_weights(name, weights)
+        return preprocessing_from_torchvision(named) if named is not None else None
+    timm = _timm()
+    tag = name if weights in ("pretrained", "DEFAULT") else f"{name.split('.')[0]}.{weights}"
+    config = timm.models.get_pretrained_cfg(tag)
+    if config is None:
+        return None
+    return _timm_preprocessing(timm.data.resolve_data_config(pretrained_cfg=config.to_dict()))
+
+
 def build_zoo_model(source: str, weights: str | None = None, num_classes: int | None = None) -> ZooModel:
     """The model ``source`` names (``torchvision:NAME`` / ``timm:NAME``) with ``weights`` loaded.
 

@@ -26,6 +26,7 @@ from cnnvis.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_transform,
+    photo_statistics,
     train_transform,
 )
 from cnnvis.errors import DataError
@@ -116,7 +117,8 @@ def _photo_bundle(
         # A seeded random pick: the split is sorted by class, so its first N would be one class.
         keep = torch.randperm(len(samples["train"]), generator=torch.Generator().manual_seed(config.seed))[: data.subset]
         samples["train"] = [samples["train"][i] for i in sorted(keep.tolist())]
-    spec = photo_spec(class_names, t)
+    mean, std, _ = photo_statistics(config)
+    spec = photo_spec(class_names, t, mean, std)
     if in_memory(config, sum(len(v) for v in samples.values())):
         return _tensor_bundle(config, device, samples, spec, skipped, rank, world_size)
     evaluate = eval_transform(t, spec.mean, spec.std)
@@ -144,10 +146,12 @@ def _photo_bundle(
     )
 
 
-def photo_spec(class_names: Sequence[str], t: TransformConfig) -> ImageSpec:
+def photo_spec(class_names: Sequence[str], t: TransformConfig, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> ImageSpec:
     """Photos are RGB at ``image_size``, normalised with the ImageNet statistics (what pretrained
-    weights expect, and a fine default from scratch)."""
-    return ImageSpec(tuple(class_names), IMAGENET_MEAN, IMAGENET_STD, 3, t.image_size)
+    weights expect, and a fine default from scratch) unless the weights say otherwise
+    (:func:`~cnnvis.data.transforms.photo_statistics`)."""
+    return ImageSpec(tuple(class_names), tuple(mean), tuple(std), 3, t.image_size)
 
 
 def stored_side(t: TransformConfig) -> int:
