@@ -21,11 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
     ("mnist_cnn", 1, 28, None), ("mnist_classic", 1, 28, None), ("resnet_small", 3, 32, None), ("resnet18", 3, 32, 512),
 ])
 def test_features_are_the_input_of_the_classifier_head(arch, channels, size, features):
-    model = build_model(arch, num_classes=4, in_channels=channels, image_size=size).eval()
+    model = build_model(arch, num_classes=4, in_channels=channels, image_size=size).train()
     name, head = final_linear(model)
     images = torch.randn(6, channels, size, size)
     dataset = TensorDataset(images, torch.arange(6) % 4)
+    stats = [b.clone() for b in model.buffers()]
     found = penultimate_features(model, dataset, limit=5)
+    assert model.training and all(torch.equal(a, b) for a, b in zip(stats, model.buffers()))  # eval inside, restored
+    model.eval()
     assert found.features.shape == (5, head.in_features) and (features is None or head.in_features == features)
     # the head applied to the features gives the model's own logits: they are what it decides on
     with torch.no_grad():
