@@ -258,6 +258,11 @@ def evaluate(
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all).")] = [],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last feature map before the head, in a transformer the last block's first norm).")] = None,
     steps: Annotated[int, typer.Option(help="With --explanations: deletion/insertion steps (points on each curve minus one).")] = 16,
+    subset_images: Annotated[int, typer.Option("--subset-images", help="With --explanations: ROAD and max-sensitivity run on the first N of the images (they cost the most).")] = 8,
+    sensitivity_samples: Annotated[int, typer.Option("--sensitivity-samples", help="With --explanations: noisy copies per image for max-sensitivity (0: skip it).")] = 5,
+    no_road: Annotated[bool, typer.Option("--no-road", help="With --explanations: skip ROAD (remove-and-debias).")] = False,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also write the penultimate features of the split's images to TensorBoard's projector (in the run's events).")] = False,
+    embedding_images: Annotated[int, typer.Option("--embedding-images", help="With --embeddings: images in the projector.")] = 1000,
     wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = 16,
     split: Annotated[Split, typer.Option(help="Which split to evaluate.")] = Split.test,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
@@ -279,6 +284,8 @@ def evaluate(
         outcome = evaluate_command(
             source, split=split.value, wrong=wrong, out_dir=out, explanations=explanations, images=images,
             methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
+            subset_images=subset_images, sensitivity_samples=sensitivity_samples, road=not no_road, embeddings=embeddings,
+            embedding_images=embedding_images,
             on_progress=lambda text: status.update(f"{escape(text)} ..."),
         )
     run, ev = outcome.run, outcome.evaluation
@@ -296,6 +303,10 @@ def evaluate(
     names = ", ".join(p.name for p in written if p is not None)
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if outcome.tensorboard else ""
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
+    if outcome.embedding is not None:
+        console.print(f"projector: {outcome.embedding.features.shape[0]} {ev.split} images, {outcome.embedding.features.shape[1]} "
+                      f"features (input of {escape(outcome.embedding.layer)}); open the Projector tab of "
+                      f"tensorboard --logdir {escape(str(run.run_dir))}", soft_wrap=True)
 
 
 @app.command(cls=Command)

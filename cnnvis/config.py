@@ -193,6 +193,8 @@ class LogConfig(Section):
     hparams: bool = True
     pr_curves: bool = True
     confusion_matrix: bool = True
+    embeddings: int = Field(1000, ge=0, description="test images in TensorBoard's embedding projector at the end of "
+                            "training: the final linear layer's input, with image sprites and class labels (0: none)")
 
 
 class Config(Section):

@@ -220,6 +220,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     faith_rows = [
         {"rank": r.rank, "method": r.method, "layer": r.layer, "beats_random": r.beats_random, "passed": r.passed,
          "deletion": _fmt(r.deletion_auc), "insertion": _fmt(r.insertion_auc), "ssim": _fmt(r.randomization.ssim, 2),
+         "road": _fmt(r.road), "road_parts": f"{_fmt(r.road_morf)} / {_fmt(r.road_lerf)}" if r.road == r.road else "",
+         "sensitivity": _fmt(r.sensitivity, 2),
          "cascade_text": " → ".join(_fmt(step.spearman, 2) for step in r.randomization.steps)}
         for r in (faithfulness.rows if faithfulness else [])
     ]
