@@ -152,7 +152,10 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
     if weights is not None and _weights_file(weights) is None and named is None:
         raise ConfigError(f"torchvision:{name} has no pretrained weights; use --weights none or a weights file")
     try:
-        model = models.get_model(name, weights=named)
+        if named is None or isinstance(named, models.WeightsEnum):
+            model = models.get_model(name, weights=named)
+        else:  # a weights-like object (another registry, a test): same fields, its own state dict
+            model = _from_weights_like(name, named)
     except (OSError, RuntimeError) as exc:  # the download needs network
         raise ConfigError(f"could not download the torchvision:{name} weights {weights!r}: {exc}",
                           "Without internet, pass --weights with a local weights file (or none).") from None
@@ -162,6 +165,18 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
         categories = named.meta.get("categories")
         zoo.class_names = list(categories) if categories else None
     return zoo
+
+
+def _from_weights_like(name: str, weights: Any) -> nn.Module:
+    """A torchvision architecture for an object shaped like its weights enum: ``meta["categories"]``
+    sets the class count, ``get_state_dict()`` (if it has one) the weights."""
+    from torchvision import models
+
+    categories = weights.meta.get("categories")
+    model = models.get_model(name, **({"num_classes": len(categories)} if categories else {}))
+    if callable(getattr(weights, "get_state_dict", None)):
+        model.load_state_dict(weights.get_state_dict(progress=False))
+    return model
 
 
 # --------------------------------------------------------------------------- timm
