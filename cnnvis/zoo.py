@@ -260,12 +260,12 @@ def _load_weights_file(model: nn.Module, path: Path, num_classes: int | None) ->
     from cnnvis.checkpoint import load_model_state, load_state_dict_file
 
     state = load_state_dict_file(path, model)
-    _, head = find_head(model)
-    head_key = next((k for k, v in model.state_dict().items() if v is head.weight), None)
-    saved = state.get(head_key) if head_key else None
+    head_name, head = find_head(model)
+    head_key = f"{head_name}.weight"
+    saved = state.get(head_key)
     if saved is not None and saved.shape != head.weight.shape:
         if num_classes is not None:  # the file's head is replaced anyway: keep only the backbone
-            state = {k: v for k, v in state.items() if not k.startswith(head_key.rsplit(".", 1)[0] + ".")}
+            state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
             own = model.state_dict()
             state.update({k: v for k, v in own.items() if k not in state})
         else:

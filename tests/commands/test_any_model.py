@@ -1,0 +1,245 @@
+"""Any model in the explain commands: ``torchvision:NAME`` / ``timm:NAME`` with ``--weights``, ``.pt2``
+and TorchScript files; preprocessing and class names from the weights or the options; ``--image``
+folders and globs; outputs in a run-like directory that ``report`` reads."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import yaml
+from cli_helpers import cli, single_thread
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+SIZE = 64
+CATEGORIES = ["tench", "golden retriever", "crane", "crane", "goldfish, Carassius auratus"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+def _picture(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two readable photos of different shapes and one broken file."""
+    root = tmp_path_factory.mktemp("photos")
+    _picture(root / "wide.png", 96, 48)
+    _picture(root / "tall.jpg", 40, 80, seed=1)
+    (root / "broken.png").write_bytes(b"not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5-class resnet18 state dict, as a user's fine-tuned weights file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18-5.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), path)
+    return path
+
+
+def _sidecar(png: Path) -> dict:
+    return json.loads(png.with_suffix(".json").read_text())
+
+
+def test_torchvision_random_weights_say_so_and_write_a_run_like_directory(tmp_path: Path, photos: Path) -> None:
+    out = cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", photos / "wide.png",
+              "-m", "saliency", "--runs-dir", tmp_path, code=0)
+    assert "random weights" in out and "UNTRAINED" in out
+    assert "ImageNet defaults, the model does not say; pass --mean/--std" in out  # the defaults are stated
+    run = tmp_path / "torchvision-resnet18-random"
+    source = yaml.safe_load((run / "source.yaml").read_text())
+    assert source["model"] == "torchvision:resnet18" and source["weights"] == "random" and source["classes"] == 1000
+    assert source["preprocessing"]["crop"] == [SIZE, SIZE]
+    meta = _sidecar(run / "visualizations" / "saliency" / "saliency.png")
+    assert meta["architecture"] == "torchvision:resnet18" and meta["untrained"] is True
+    assert list(run.glob("events.out.tfevents.*")), "the pictures also go to TensorBoard"
+    # report reads the run-like directory by the same MODEL and --weights
+    out = cli("report", "torchvision:resnet18", "--weights", "none", "--runs-dir", tmp_path, code=0)
+    html = (run / "report.html").read_text()
+    assert "torchvision:resnet18" in html and "saliency" in html and "--data FOLDER" in out
+
+
+def test_weights_file_names_the_classes_and_explains_them_by_name(tmp_path: Path, photos: Path, resnet_file: Path) -> None:
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({str(i): name for i, name in enumerate(CATEGORIES)}))
+    cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", SIZE,
+        "--mean", "0.5", "--std", "0.25", "--image", photos / "tall.jpg", "-m", "saliency",
+        "--target", "Golden Retriever", "--runs-dir", tmp_path, code=0)
+    meta = _sidecar(tmp_path / "torchvision-resnet18-resnet18-5" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["golden retriever"] and meta["untrained"] is False
+    assert meta["checkpoint"] == str(resnet_file)
+    source = yaml.safe_load((tmp_path / "torchvision-resnet18-resnet18-5" / "source.yaml").read_text())
+    assert source["preprocessing"]["mean"] == [0.5] * 3 and source["preprocessing"]["std"] == [0.25] * 3
+    # an alias shared by two classes is ambiguous; a typo gets the nearest names
+    out = cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", SIZE,
+              "--image", photos / "tall.jpg", "-m", "saliency", "--target", "crane", "--runs-dir", tmp_path, code=2)
+    assert "ambiguous" in out and "2 (crane), 3 (crane)" in out
+    out = cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", SIZE,
+              "--image", photos / "tall.jpg", "-m", "saliency", "--target", "goldfsh", "--runs-dir", tmp_path, code=2)
+    assert "Nearest: goldfish, Carassius auratus" in out
+
+
+def _fake_weights(state: dict) -> SimpleNamespace:
+    """An object shaped like a torchvision weights enum member."""
+    preset = SimpleNamespace(crop_size=[SIZE], resize_size=[80], mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.4],
+                             interpolation=InterpolationMode.BICUBIC)
+    return SimpleNamespace(name="TEST_V1", meta={"categories": CATEGORIES}, transforms=lambda: preset,
+                           get_state_dict=lambda progress=False: state)
+
+
+def test_preprocessing_and_class_names_come_from_the_weights(tmp_path: Path, photos: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    state = torchvision.models.resnet18(num_classes=5).state_dict()
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: {"TEST_V1": _fake_weights(state)})
+    out = cli("visualize", "torchvision:resnet18", "--weights", "TEST_V1", "--image", photos / "wide.png",
+              "-m", "saliency", "--target", "tench", "--runs-dir", tmp_path, code=0)
+    assert "from torchvision weights TEST_V1" in out
+    run = tmp_path / "torchvision-resnet18-TEST_V1"
+    source = yaml.safe_load((run / "source.yaml").read_text())
+    assert source["preprocessing"] == {"crop": [SIZE, SIZE], "resize": 80, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.3, 0.4],
+                                       "interpolation": "bicubic", "source": "torchvision weights TEST_V1"}
+    assert source["class_names_from"] == "the torchvision:resnet18 weights"
+    meta = _sidecar(run / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["tench"] and meta["predicted"][0] in CATEGORIES
+    # an option given explicitly overrides the weights' number, the rest stay
+    cli("visualize", "torchvision:resnet18", "--weights", "TEST_V1", "--image", photos / "wide.png", "--size", 32,
+        "-m", "saliency", "--runs-dir", tmp_path, code=0)
+    source = yaml.safe_load((run / "source.yaml").read_text())
+    assert source["preprocessing"]["crop"] == [32, 32] and source["preprocessing"]["mean"] == [0.4, 0.5, 0.6]
+
+
+def test_folder_and_glob_intake_skip_the_unreadable_file(tmp_path: Path, photos: Path) -> None:
+    out = cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", photos,
+              "-m", "saliency", "--runs-dir", tmp_path, code=0)
+    assert "3 images" in out and "skipped 1 unreadable image(s)" in out and "broken.png" in out
+    meta = _sidecar(tmp_path / "torchvision-resnet18-random" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["images"] == [str(photos / "tall.jpg"), str(photos / "wide.png")]  # sorted, the broken one left out
+    out = cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", f"{photos}/*.png",
+              "-m", "saliency", "--runs-dir", tmp_path, code=0)
+    meta = _sidecar(tmp_path / "torchvision-resnet18-random" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["images"] == [str(photos / "wide.png")]
+    cli("visualize", "torchvision:resnet18", "--weights", "none", "--image", f"{photos}/*.gif", code=2)
+
+
+def test_non_square_image_keeps_its_aspect_unless_no_crop(photos: Path) -> None:
+    from cnnvis.commands.visualize import file_images
+    from cnnvis.sources import load_source
+
+    run = load_source("torchvision:resnet18", weights="none", size=SIZE)
+    wide = photos / "wide.png"  # 96x48: left half random, right half another random
+    cropped = file_images(run, [wide]).images
+    whole = file_images(run, [wide], crop=False).images
+    assert cropped.shape == whole.shape == (1, 3, SIZE, SIZE)
+    # the crop is the centre square of the picture resized by its short side: compare with doing it by hand
+    pixels = torch.from_numpy(np.asarray(Image.open(wide))).permute(2, 0, 1).float()[None] / 255
+    short = torch.nn.functional.interpolate(pixels, size=(round(SIZE / 0.875), round(SIZE / 0.875) * 2), mode="bilinear",
+                                            antialias=True)
+    mean, std = torch.tensor(run.spec.mean)[:, None, None], torch.tensor(run.spec.std)[:, None, None]
+    by_hand = (short[..., (73 - SIZE) // 2 : (73 - SIZE) // 2 + SIZE, (146 - SIZE) // 2 : (146 - SIZE) // 2 + SIZE] - mean) / std
+    assert torch.allclose(cropped, by_hand, atol=0.05)
+    assert not torch.allclose(cropped, whole, atol=0.1)
+
+
+def test_timm_model_uses_its_architecture_config(tmp_path: Path, photos: Path) -> None:
+    pytest.importorskip("timm")
+    cli("visualize", "timm:test_resnet", "--weights", "none", "--size", SIZE, "--image", photos / "wide.png",
+        "-m", "saliency", "--runs-dir", tmp_path, code=0)
+    source = yaml.safe_load((tmp_path / "timm-test_resnet-random" / "source.yaml").read_text())
+    assert source["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and source["preprocessing"]["source"] == "timm pretrained data config"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, SIZE, SIZE),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path_factory.mktemp("export") / "resnet.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+def test_pt2_program_runs_layer_methods_and_skips_the_others(tmp_path: Path, photos: Path, exported: Path) -> None:
+    out = cli("visualize", exported, "--image", photos / "wide.png", "-m", "gradcam", "-m", "filters",
+              "--layer", "layer4", "--runs-dir", tmp_path, code=0)
+    assert "skipped filters: a torch.export program" in out
+    assert (tmp_path / "resnet-pt2" / "visualizations" / "gradcam" / "layer4.png").is_file()
+    assert "input shape" not in out and "class names: numbers 0..4" in out
+    out = cli("summary", exported, code=0)
+    assert "layer4.1.conv2" in out
+
+
+def test_torchscript_file_is_loaded_with_a_deprecation_warning(tmp_path: Path, photos: Path) -> None:
+    path = tmp_path / "resnet.ts"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(torchvision.models.resnet18(num_classes=5).eval()).save(str(path))
+    except Exception as exc:  # noqa: BLE001 - a torch without TorchScript
+        pytest.skip(f"this torch cannot save TorchScript: {exc}")
+    out = cli("visualize", path, "--image", photos / "wide.png", "--size", SIZE, "-m", "saliency", "-m", "gradcam",
+              "--runs-dir", tmp_path, code=0)
+    assert "warning: TorchScript is deprecated" in out and "skipped gradcam: a TorchScript program cannot be hooked" in out
+    assert (tmp_path / "resnet-ts" / "visualizations" / "saliency" / "saliency.png").is_file()
+
+
+def test_evaluate_a_library_model_on_a_labelled_folder(tmp_path: Path, resnet_file: Path) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CATEGORIES[:2] + ["heron", "stork", "goldfish"]) + "\n")
+    data = tmp_path / "labelled"
+    for name in ("golden_retriever", "Tench"):  # a subset, named loosely
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            _picture(data / name / f"{i}.png", 50, 40, seed=i)
+    out = cli("evaluate", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", 32,
+              "--data", data, "--runs-dir", tmp_path, "--wrong", 0, code=0)
+    metrics = json.loads((tmp_path / "torchvision-resnet18-resnet18-5" / "evaluation" / "metrics.json").read_text())
+    assert metrics["images"] == 4 and metrics["class_names"] == ["tench", "golden retriever", "other"]
+    assert "metrics.json" in out
+    (data / "zebra").mkdir()
+    _picture(data / "zebra" / "0.png", 20, 20)
+    out = cli("evaluate", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", 32,
+              "--data", data, "--runs-dir", tmp_path, code=2)
+    assert "zebra" in out
+    out = cli("evaluate", "torchvision:resnet18", "--weights", resnet_file, "--runs-dir", tmp_path, code=2)
+    assert "--data FOLDER" in out
+
+
+def test_weights_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as handle:
+        pickle.dump({"fc.weight": SimpleNamespace()}, handle, protocol=2)
+    out = cli("visualize", "torchvision:resnet18", "--weights", bad, "--image", bad, code=2)
+    assert "refused to load" in out
+
+
+def test_run_options_are_refused_for_a_run_and_names_are_checked(tmp_path: Path) -> None:
+    out = cli("summary", "torchvision:resnet181", "--weights", "none", code=2)
+    assert "did you mean" in out and "resnet18" in out
+    out = cli("visualize", "torchvision:resnet18", "--weights", "IMAGENET1K_V9", "--image", tmp_path, code=2)
+    assert "IMAGENET1K_V1" in out
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("name: x\n")
+    out = cli("visualize", tmp_path / "run", "--weights", "none", code=2)
+    assert "a run knows its own" in out
+
+
+def test_summary_of_vit_lists_names_that_layer_accepts() -> None:
+    out = cli("summary", "torchvision:vit_b_16", "--weights", "none", code=0)
+    assert "encoder.layers.encoder_layer_11.mlp" in out
