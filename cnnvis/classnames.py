@@ -72,4 +72,6 @@ def match_class(text: str, names: Sequence[str], what: str = "target") -> int:
     close = difflib.get_close_matches(key, list(keys), n=5, cutoff=0.6)
     near = list(dict.fromkeys(names[keys[c]] for c in close))
     hint = f"Nearest: {'; '.join(near)}." if near else f"Classes: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}."
-    raise ConfigError(f"{what} {text!r}: no class of that name", hint, parameter=what if what == "target" else None)
+    if what == "target":
+        raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", hint, parameter="target")
+    raise ConfigError(f"{what} {text!r}: no class of that name", hint)

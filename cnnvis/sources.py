@@ -164,10 +164,12 @@ def resolve_preprocessing(known: Preprocessing | None, channels: int, size: int 
     given = [flag for flag, value in (("--size", size), ("--mean", given_mean), ("--std", given_std)) if value is not None]
     numbers = (f"{chosen.crop[0]}x{chosen.crop[1]} px (short side {chosen.resize}, centre crop), "
                f"mean {_short(chosen.mean)}, std {_short(chosen.std)}")
-    if known is None and len(given) < 3:
-        missing = [flag for flag in ("--size", "--mean", "--std") if flag not in given]
+    from_shape = known is None and fixed_size is not None and size is None
+    missing = [flag for flag in ("--size", "--mean", "--std") if flag not in given and not (flag == "--size" and from_shape)]
+    if known is None and missing:
+        stated = [*(f"{flag} given" for flag in given), *(["size: the program's input shape"] if from_shape else [])]
         defaults = "/".join(flag.lstrip("-") for flag in missing)
-        line = (f"preprocessing: {numbers} ({', '.join(given) + ' given; ' if given else ''}{defaults}: ImageNet "
+        line = (f"preprocessing: {numbers} ({', '.join(stated) + '; ' if stated else ''}{defaults}: ImageNet "
                 f"defaults, the model does not say; pass {'/'.join(missing)})")
     else:
         line = f"preprocessing: {numbers} (from {base.source}{'; ' + ', '.join(given) + ' given' if given else ''})"

@@ -103,7 +103,9 @@ def file_images(run: LoadedRun, paths: Sequence[str | Path], crop: bool = True) 
         try:
             image = load_rgb(path)
         except DataError as exc:
-            skipped.append((str(path), str(exc).removeprefix(f"{path}: ")))
+            if len(found) == 1:
+                raise  # the one image named: its own error, not a skip
+            skipped.append((str(path), exc.message.removeprefix(f"{path}: ")))
             continue
         tensors.append(prepare(image.convert("L") if run.spec.in_channels == 1 else image))
         sources.append(str(path))
@@ -118,7 +120,7 @@ def parse_target(text: str, class_names: Sequence[str]) -> str | int:
     alias of an ImageNet name: "golden retriever") -> "pred" / "true" / index."""
     if text in ("pred", "true"):
         return text
-    if text in class_names:
+    if list(class_names).count(text) == 1:
         return list(class_names).index(text)
     if text.lstrip("-").isdigit():
         index = int(text)
