@@ -291,7 +291,13 @@ def load_source(
         if given:
             raise ConfigError(f"{', '.join(given)}: only for a library model or a model file; a run knows its own "
                               "weights, classes, preprocessing and data")
-        return load_run(text, device=device, allow_untrained=allow_untrained)
+        try:
+            return load_run(text, device=device, allow_untrained=allow_untrained)
+        except CheckpointError as exc:
+            if Path(text).is_file() and "not a cnnvis checkpoint" in exc.message:  # a bare state dict, most likely
+                raise CheckpointError(exc.message, "A weights file needs its architecture: give torchvision:NAME or "
+                                      f"timm:NAME with --weights {text}.") from None
+            raise
     library = parse_source(text)
     notes: list[str] = []
     if library is not None:

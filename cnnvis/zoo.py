@@ -157,8 +157,10 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
         else:  # a weights-like object (another registry, a test): same fields, its own state dict
             model = _from_weights_like(name, named)
     except (OSError, RuntimeError) as exc:  # the download needs network
+        url = getattr(named, "url", None)
+        cache = f", or place {url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/" if url else ""
         raise ConfigError(f"could not download the torchvision:{name} weights {weights!r}: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          f"Without internet, pass --weights with a local weights file (or none){cache}.") from None
     zoo = ZooModel(model, "torchvision", name, weights)
     if named is not None:
         zoo.preprocessing = preprocessing_from_torchvision(named)

@@ -262,3 +262,21 @@ def test_summary_of_a_vision_transformer_lists_names_that_layer_accepts() -> Non
     pytest.importorskip("timm")
     out = cli("summary", "timm:test_vit", "--weights", "none", code=0)
     assert "blocks.0.attn.qkv" in out and "head" in out
+
+
+def test_named_weights_placed_in_the_hub_cache_work_offline(tmp_path: Path, photos: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real IMAGENET1K_V1 entry (its transforms and 1000 ImageNet names), its file placed by hand."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), cache / weights.url.rsplit("/", 1)[-1])
+    out = cli("visualize", "torchvision:resnet18", "--weights", "IMAGENET1K_V1", "--size", SIZE, "--image",
+              photos / "wide.png", "-m", "saliency", "--target", "Golden Retriever", "--runs-dir", tmp_path,
+              "--no-tensorboard", code=0)
+    assert "from torchvision weights IMAGENET1K_V1; --size given" in out
+    meta = _sidecar(tmp_path / "torchvision-resnet18-IMAGENET1K_V1" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["golden retriever"] and meta["checkpoint"] == "IMAGENET1K_V1"
+    source = yaml.safe_load((tmp_path / "torchvision-resnet18-IMAGENET1K_V1" / "source.yaml").read_text())
+    assert source["classes"] == 1000 and source["preprocessing"]["resize"] == round(SIZE * 256 / 224)
