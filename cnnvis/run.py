@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from cnnvis.data.bundle import DataBundle, ImageSpec
 from cnnvis.errors import CheckpointError, ConfigError
 from cnnvis.io import JsonLines, read_jsonl
 from cnnvis.models import build_model
+
+if TYPE_CHECKING:  # sources.py builds LoadedRun objects: it imports this module, not the other way round
+    from cnnvis.sources import ModelOrigin
+    from cnnvis.zoo import Preprocessing
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -114,7 +118,7 @@ class LoadedRun:
     checkpoint: Path | None  #: None for a model that is not a cnnvis run
     epoch: int
     device: torch.device
-    origin: Any = None  #: a :class:`cnnvis.sources.ModelOrigin`; None for a cnnvis run
+    origin: ModelOrigin | None = None  #: where a model that is not a cnnvis run came from
 
     @property
     def architecture(self) -> str:
@@ -144,7 +148,7 @@ class LoadedRun:
         return list(self.origin.notes) if self.origin is not None else []
 
     @property
-    def preprocessing(self) -> Any:
+    def preprocessing(self) -> Preprocessing:
         """How an image file becomes an input (:class:`cnnvis.zoo.Preprocessing`): a run's own
         evaluation transform (short side to ``resize``, centre crop), or what the model came with."""
         from cnnvis.zoo import Preprocessing

@@ -35,6 +35,7 @@ from torch import nn
 from cnnvis.classnames import read_class_names
 from cnnvis.data.bundle import ImageSpec
 from cnnvis.errors import CheckpointError, ConfigError
+from cnnvis.run import LoadedRun, load_run
 from cnnvis.zoo import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,6 +44,7 @@ from cnnvis.zoo import (
     build_zoo_model,
     find_head,
     parse_source,
+    preprocessing_from_timm,
 )
 
 SOURCE_FILE = "source.yaml"  #: what a run-like directory holds in place of config.yaml
@@ -278,11 +280,9 @@ def load_source(
     runs_dir: str | Path = "runs",
     device: torch.device | str = "cpu",
     allow_untrained: bool = False,
-) -> Any:
+) -> LoadedRun:
     """Any MODEL as a :class:`~cnnvis.run.LoadedRun`; see the module docstring. A run keeps its own
     preprocessing and classes: options that would change them are refused for it."""
-    from cnnvis.run import LoadedRun, load_run
-
     device = torch.device(device)
     text = str(source)
     if is_run_source(text):
@@ -305,8 +305,6 @@ def load_source(
         model, kind, name, known = zoo.model, "library", zoo.source, zoo.preprocessing
         notes += zoo.notes
         if known is None and zoo.library == "timm":  # the architecture's own default config still says
-            from cnnvis.zoo import preprocessing_from_timm
-
             known = preprocessing_from_timm(model)
         found_names, named_from, fixed = zoo.class_names, f"the {zoo.source} weights", None
     else:
@@ -339,7 +337,7 @@ def load_source(
                      device=device, origin=origin)
 
 
-def write_source_file(run: Any) -> Path | None:
+def write_source_file(run: LoadedRun) -> Path | None:
     """``RUN/source.yaml`` of a run-like directory: what the report shows in place of a config."""
     if run.origin is None:
         return None

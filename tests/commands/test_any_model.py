@@ -178,6 +178,14 @@ def test_timm_model_uses_its_architecture_config(tmp_path: Path, photos: Path) -
         "-m", "saliency", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
     source = yaml.safe_load((tmp_path / "timm-test_resnet-random" / "source.yaml").read_text())
     assert source["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and source["preprocessing"]["source"] == "timm pretrained data config"
+    import timm
+
+    weights = tmp_path / "tuned.pth"  # a fine-tuned timm model: its file's head sets the classes
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
+    cli("visualize", "timm:test_resnet", "--weights", weights, "--size", SIZE, "--image", photos / "wide.png",
+        "-m", "saliency", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
+    meta = _sidecar(tmp_path / "timm-test_resnet-tuned" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["predicted"][0] in ("0", "1", "2") and meta["untrained"] is False
 
 
 @pytest.fixture(scope="module")
