@@ -148,6 +148,14 @@ class LoadedRun:
         return list(self.origin.notes) if self.origin is not None else []
 
     @property
+    def class_aliases(self) -> tuple[str, ...]:
+        """The names ``--target`` and class folders are matched against: with every alias where the
+        model's names have them (``"tench, Tinca tinca"``), else :attr:`spec.class_names`."""
+        if self.origin is not None and self.origin.aliases is not None:
+            return tuple(self.origin.aliases)
+        return self.spec.class_names
+
+    @property
     def preprocessing(self) -> Preprocessing:
         """How an image file becomes an input (:class:`cnnvis.zoo.Preprocessing`): a run's own
         evaluation transform (short side to ``resize``, centre crop), or what the model came with."""
@@ -172,7 +180,8 @@ class LoadedRun:
             if self.origin.data is None:
                 raise ConfigError(f"{self.architecture} has no data of its own",
                                   "Give a labelled image folder (one sub-folder per class): --data FOLDER.")
-            return labelled_folder(self.origin.data, self.spec, self.preprocessing.transform())
+            return labelled_folder(self.origin.data, self.spec, self.preprocessing.transform(),
+                                   aliases=self.origin.aliases)
         from cnnvis.data import build_data
 
         config = self.config.model_copy(update={"data": self.config.data.model_copy(update={"in_memory": False})})

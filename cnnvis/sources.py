@@ -78,6 +78,7 @@ class ModelOrigin:
     class_names_from: str  #: where the class names come from, for the output and source.yaml
     notes: list[str] = field(default_factory=list)  #: one line each, printed by the CLI
     data: Path | None = None  #: a labelled image folder to evaluate on
+    aliases: list[str] | None = None  #: the full class names (``"tench, Tinca tinca"``) when they list aliases
 
     @property
     def label(self) -> str:
@@ -328,9 +329,13 @@ def load_source(
     else:
         names, named_from = [str(i) for i in range(count)], "numbers (no names known)"
         notes.append(f"class names: numbers 0..{count - 1} (the model does not name them; pass --classes FILE)")
+    # "tench, Tinca tinca": pictures show the first alias, --target and --data folders match any of them
+    aliases = list(names) if any("," in n for n in names) else None
+    names = [n.split(",")[0].strip() or n for n in names]
     spec = ImageSpec(tuple(names), preprocessing.mean, preprocessing.std, channels, preprocessing.crop[0])
     origin = ModelOrigin(kind, name, zoo.weights if library is not None else None, library is not None and zoo.random,
-                         preprocessing, named_from, notes, Path(data).expanduser() if data is not None else None)
+                         preprocessing, named_from, notes, Path(data).expanduser() if data is not None else None,
+                         aliases)
     run_dir = output_dir(text, weights, runs_dir)
     model = model.to(device).eval()
     return LoadedRun(model=model, config=None, spec=spec, run_dir=run_dir, checkpoint=None, epoch=0,

@@ -202,7 +202,8 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
 
 
 def class_names_from_timm(model: nn.Module) -> list[str] | None:
-    """ImageNet class names for a timm model pretrained on an ImageNet subset (short first alias)."""
+    """ImageNet class names for a timm model pretrained on an ImageNet subset, with their aliases
+    (``"tench, Tinca tinca"``; pictures show the first, ``--target`` matches any)."""
     timm = _timm()
     subset = timm.data.infer_imagenet_subset(model)
     if not subset:

@@ -413,7 +413,7 @@ def visualize_command(
     write_source_file(run)
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
-        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written,
+        visualizer = Visualizer(run, batch, out, parse_target(target, run.class_aliases), writer, on_written,
                                 on_progress)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:

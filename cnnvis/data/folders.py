@@ -270,15 +270,16 @@ def folder_classes(config: Config) -> tuple[Path, list[str]]:
     return folder, classes
 
 
-def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, batch_size: int = 64) -> DataBundle:
+def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, batch_size: int = 64,
+                    aliases: Sequence[str] | None = None) -> DataBundle:
     """Every image of a labelled folder (one sub-folder per class) as the val and test split of a
     model that was not trained here (``spec``: its classes and channels; ``transform``: its
-    preprocessing). Sub-folders are matched to the model's ``class_names`` by name
+    preprocessing; ``aliases``: the full class names, when they list aliases). Sub-folders are matched to the model's ``class_names`` by name
     (case-insensitive, ``_`` as a space, any ImageNet alias); they may be a subset of them."""
     from cnnvis.classnames import match_class
     from cnnvis.errors import ConfigError
 
-    class_names = spec.class_names
+    class_names = list(aliases) if aliases is not None else spec.class_names
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}", "Give a folder that holds one sub-folder per class.")

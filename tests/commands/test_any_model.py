@@ -108,6 +108,12 @@ def test_weights_file_names_the_classes_and_explains_them_by_name(tmp_path: Path
     out = cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", SIZE,
               "--image", photos / "tall.jpg", "-m", "saliency", "--target", "goldfsh", "--runs-dir", tmp_path, code=2)
     assert "Nearest: goldfish, Carassius auratus" in out
+    # any alias names the class; pictures and sidecars show its first name
+    cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--classes", classes, "--size", SIZE,
+        "--image", photos / "tall.jpg", "-m", "saliency", "--target", "carassius AURATUS", "--runs-dir", tmp_path,
+        "--no-tensorboard", code=0)
+    meta = _sidecar(tmp_path / "torchvision-resnet18-resnet18-5" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["goldfish"]
 
 
 def _fake_weights(state: dict) -> SimpleNamespace:
