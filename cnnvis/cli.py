@@ -64,8 +64,8 @@ ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", help="A run directory or checkpoint, torchvision:NAME, timm:NAME, or a model file: "
                           "a .pt2 (torch.export) or TorchScript.")]
 WeightsOption = Annotated[Optional[str], typer.Option(
-    metavar="NAME|FILE|none", help="Weights of a torchvision:/timm: model: a weights name (DEFAULT, IMAGENET1K_V2; "
-                                   "timm: pretrained or a tag), a state-dict file, or none (random).")]
+    metavar="NAME|FILE|none", help="Weights of a torchvision:/timm: model: a weights name (default: DEFAULT; "
+                                   "IMAGENET1K_V2 ...; timm: pretrained or a tag), a state-dict file, or none (random).")]
 ClassesOption = Annotated[Optional[Path], typer.Option(
     metavar="FILE", help="Class names of a model: one a line, a JSON list or {index: name} (default: the weights').")]
 SizeOption = Annotated[Optional[int], typer.Option(

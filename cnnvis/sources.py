@@ -4,8 +4,9 @@
 MODEL is one of
 
 * a run directory or a cnnvis checkpoint (unchanged: :func:`cnnvis.run.load_run`);
-* ``torchvision:NAME`` / ``timm:NAME`` with ``weights`` (a weights name, a state-dict file read
-  with ``weights_only=True``, or ``none`` for random weights): :func:`cnnvis.zoo.build_zoo_model`;
+* ``torchvision:NAME`` / ``timm:NAME`` with ``weights`` (a weights name, by default the library's
+  pretrained ones; a state-dict file read with ``weights_only=True``; or ``none`` for random
+  weights): :func:`cnnvis.zoo.build_zoo_model`;
 * a ``torch.export`` program (``.pt2``), unflattened so that its submodules keep their original
   names and run as modules: forward hooks fire, so layer methods work; methods that need module
   types (``nn.Conv2d`` filters, ``nn.ReLU`` for guided backprop, ``nn.Linear`` for CAM) do not;
@@ -37,6 +38,7 @@ from cnnvis.data.bundle import ImageSpec
 from cnnvis.errors import CheckpointError, ConfigError
 from cnnvis.run import LoadedRun, load_run
 from cnnvis.zoo import (
+    DEFAULT_WEIGHTS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     NO_WEIGHTS,
@@ -259,8 +261,9 @@ def output_dir(source: str | Path, weights: str | None = None, runs_dir: str | P
     ``runs/torchvision-resnet50-IMAGENET1K_V2``, ``runs/timm-convnext_tiny-random``, ``runs/mymodel-pt2``.
     ``report`` finds it the same way without loading the model."""
     text = str(source)
-    if parse_source(text) is not None:
-        given = str(weights).strip() if weights is not None else "none"
+    library = parse_source(text)
+    if library is not None:
+        given = str(weights).strip() if weights is not None else DEFAULT_WEIGHTS[library[0]]
         tag = "random" if given.lower() in NO_WEIGHTS else (Path(given).stem if Path(given).suffix else given)
         name = f"{text.replace(':', '-')}-{tag}"
     else:
@@ -302,7 +305,7 @@ def load_source(
     library = parse_source(text)
     notes: list[str] = []
     if library is not None:
-        zoo = build_zoo_model(text, weights)
+        zoo = build_zoo_model(text, weights if weights is not None else DEFAULT_WEIGHTS[library[0]])
         model, kind, name, known = zoo.model, "library", zoo.source, zoo.preprocessing
         notes += zoo.notes
         if known is None and zoo.library == "timm":  # the architecture's own default config still says

@@ -30,6 +30,8 @@ Library = Literal["torchvision", "timm"]
 LIBRARIES: tuple[Library, ...] = ("torchvision", "timm")
 #: what ``--weights`` says for random weights
 NO_WEIGHTS = ("none", "random")
+#: what the explain commands load when ``--weights`` is not given: the library's own pretrained weights
+DEFAULT_WEIGHTS: dict[str, str] = {"torchvision": "DEFAULT", "timm": "pretrained"}
 #: ImageNet statistics: what torchvision and timm weights use, and the stated fallback for a file
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

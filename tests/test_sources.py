@@ -79,6 +79,11 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 def test_output_directory_names() -> None:
     assert output_dir("torchvision:resnet50", "IMAGENET1K_V2") == Path("runs/torchvision-resnet50-IMAGENET1K_V2")
-    assert output_dir("timm:convnext_tiny", None, "out") == Path("out/timm-convnext_tiny-random")
+    assert output_dir("timm:convnext_tiny", "none", "out") == Path("out/timm-convnext_tiny-random")
     assert output_dir("torchvision:resnet18", "/w/my weights.pth").name == "torchvision-resnet18-my_weights"
     assert output_dir("models/net.pt2").name == "net-pt2"
+
+
+def test_library_models_default_to_the_pretrained_weights() -> None:
+    assert output_dir("torchvision:resnet50") == Path("runs/torchvision-resnet50-DEFAULT")
+    assert output_dir("timm:convnext_tiny") == Path("runs/timm-convnext_tiny-pretrained")

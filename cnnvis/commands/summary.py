@@ -268,6 +268,7 @@ def summarize_source(source: str | Path, overrides: Sequence[str] = (), **model_
     from cnnvis.data import dataset_spec
     from cnnvis.models import build_model, freeze_backbone
     from cnnvis.sources import is_run_source, load_source
+    from cnnvis.zoo import parse_source
 
     path = Path(str(source))
     if path.suffix in (".yaml", ".yml"):
@@ -280,7 +281,9 @@ def summarize_source(source: str | Path, overrides: Sequence[str] = (), **model_
     else:
         if overrides and not is_run_source(source):
             raise CnnvisError("--set changes a config; this model has none")
-        run = load_source(str(source), allow_untrained=True, **model_options)  # the table does not depend on the weights
+        if parse_source(str(source)) is not None:  # the table does not depend on the weights: none downloaded unless asked
+            model_options = {"weights": "none", **model_options}
+        run = load_source(str(source), allow_untrained=True, **model_options)
         model, spec = run.model, run.spec
         if run.config is not None and run.config.model.freeze == "backbone":
             freeze_backbone(model)
