@@ -356,8 +356,12 @@ class Visualizer:
     def _maximize(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         started = time.perf_counter()
         names = self.run.spec.class_names
-        classes = ([int(self.target_spec)] if isinstance(self.target_spec, int)
-                   else list(range(min(len(names), MAX_MAXIMIZE_CLASSES))))
+        if isinstance(self.target_spec, int):
+            classes = [int(self.target_spec)]
+        elif len(names) <= MAX_MAXIMIZE_CLASSES:
+            classes = list(range(len(names)))
+        else:  # too many to draw each (ImageNet's 1000): the classes the images are explained for
+            classes = list(dict.fromkeys(self.target_list))[:MAX_MAXIMIZE_CLASSES]
         shape_of_each = torch.zeros(len(classes), *self.images.shape[1:], device=self.run.device)
         made = run_method(spec.name, self.run.model, shape_of_each, classes, seed=SEED)
         with torch.no_grad(), model_state(self.run.model, grad=False):

@@ -294,3 +294,12 @@ def test_named_weights_placed_in_the_hub_cache_work_offline(tmp_path: Path, phot
     assert meta["targets"] == ["golden retriever"] and meta["checkpoint"] == "IMAGENET1K_V1"
     source = yaml.safe_load((tmp_path / "torchvision-resnet18-IMAGENET1K_V1" / "source.yaml").read_text())
     assert source["classes"] == 1000 and source["preprocessing"]["resize"] == round(SIZE * 256 / 224)
+
+
+def test_maximize_draws_the_explained_classes_of_a_many_class_model(tmp_path: Path, photos: Path) -> None:
+    """1000 classes are too many to draw each: the class the image is explained for is drawn."""
+    cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", photos / "wide.png",
+        "-m", "saliency", "-m", "maximize", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
+    pictures = tmp_path / "torchvision-resnet18-random" / "visualizations"
+    predicted = _sidecar(pictures / "saliency" / "saliency.png")["predicted"]
+    assert _sidecar(pictures / "maximize" / "classes.png")["classes"] == predicted
