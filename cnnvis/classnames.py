@@ -1,4 +1,5 @@
-"""Class names: reading them from a file (``--classes``) and finding a class by name (``--target``).
+"""Class names: reading them from a file (``--classes``) and finding a class by name (``--target``,
+class folders).
 
 ImageNet class names carry aliases separated by commas (``"tench, Tinca tinca"``); a name matches
 the whole entry or any alias, case-insensitively, with ``_`` read as a space (folder names).
@@ -75,3 +76,19 @@ def match_class(text: str, names: Sequence[str], what: str = "target") -> int:
     if what == "target":
         raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", hint, parameter="target")
     raise ConfigError(f"{what} {text!r}: no class of that name", hint)
+
+
+def parse_target(text: str, class_names: Sequence[str]) -> str | int:
+    """``pred``, ``true``, a class index or a class name (case-insensitive, any comma-separated
+    alias of an ImageNet name: "golden retriever") -> "pred" / "true" / index."""
+    if text in ("pred", "true"):
+        return text
+    if list(class_names).count(text) == 1:
+        return list(class_names).index(text)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if 0 <= index < len(class_names):
+            return index
+        raise ConfigError(f"target {text}: class index out of range; the model has {len(class_names)} classes "
+                          f"(0..{len(class_names) - 1})", parameter="target")
+    return match_class(text, class_names)

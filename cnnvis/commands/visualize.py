@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnvis import plots
-from cnnvis.classnames import match_class
+from cnnvis.classnames import parse_target
 from cnnvis.data.images import find_images, load_rgb
 from cnnvis.device import resolve_device
 from cnnvis.errors import ConfigError, DataError, UnsupportedModelError
@@ -113,22 +113,6 @@ def file_images(run: LoadedRun, paths: Sequence[str | Path], crop: bool = True) 
         raise DataError(f"none of the {len(found)} image file(s) could be read: "
                         + "; ".join(f"{p} ({why})" for p, why in skipped[:5]))
     return ImageBatch(torch.stack(tensors), None, sources, skipped, notes)
-
-
-def parse_target(text: str, class_names: Sequence[str]) -> str | int:
-    """``pred``, ``true``, a class index or a class name (case-insensitive, any comma-separated
-    alias of an ImageNet name: "golden retriever") -> "pred" / "true" / index."""
-    if text in ("pred", "true"):
-        return text
-    if list(class_names).count(text) == 1:
-        return list(class_names).index(text)
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if 0 <= index < len(class_names):
-            return index
-        raise ConfigError(f"target {text}: class index out of range; the model has {len(class_names)} classes "
-                          f"(0..{len(class_names) - 1})", parameter="target")
-    return match_class(text, class_names)
 
 
 # ----------------------------------------------------------------------------------- the run
