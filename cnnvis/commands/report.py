@@ -256,13 +256,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, weights: st
         "Which map can I trust?": f"cnnvis evaluate {run} --explanations",
         "Visualizations": f"cnnvis visualize {run}",
     }
-    if library:
-        name = config.get("model", "MODEL") if isinstance(config, dict) else "MODEL"
+    visualize_hint, curves_missing = f"cnnvis visualize {run}", f"No finished epoch yet: {hints['Training curves']}"
+    if library:  # the commands that fill a section name the model and its weights as they were given
+        weights = str(config.get("weights", "")) if isinstance(config, dict) else ""
+        name = (config.get("model", "MODEL") if isinstance(config, dict) else "MODEL") + (
+            f" --weights {'none' if weights == 'random' else weights}" if weights not in ("", "DEFAULT", "pretrained") else "")
+        visualize_hint, curves_missing = f"cnnvis visualize {name} --image FILE", "Not trained with cnnvis: no training curves"
         hints = {"Training curves": "a model not trained with cnnvis has none",
-                 "Evaluation": f"cnnvis evaluate {name} --data FOLDER (with the same --weights)",
+                 "Evaluation": f"cnnvis evaluate {name} --data FOLDER",
                  "Which map can I trust?": f"cnnvis evaluate {name} --data FOLDER --explanations",
-                 "Visualizations": f"cnnvis visualize {name} --image FILE"}
-        sections["Training curves"] = sections["Training curves"] and bool(history)
+                 "Visualizations": visualize_hint}
     missing = [(name, hints[name]) for name, present in sections.items() if not present]
 
     env = Environment(loader=PackageLoader("cnnvis", "templates"), autoescape=True, undefined=StrictUndefined,
@@ -284,7 +287,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, weights: st
             fmt=_fmt,
             explain_groups=[g for g in gallery if _is_heatmap(g.method)],
             learned_groups=[g for g in gallery if not _is_heatmap(g.method)],
-            visualize_hint=f"cnnvis visualize {run}",
+            visualize_hint=visualize_hint,
+            curves_missing=curves_missing,
             config_text=config_text,
             missing=dict(missing),
             sections=sections,
