@@ -303,3 +303,17 @@ def test_maximize_draws_the_explained_classes_of_a_many_class_model(tmp_path: Pa
     pictures = tmp_path / "torchvision-resnet18-random" / "visualizations"
     predicted = _sidecar(pictures / "saliency" / "saliency.png")["predicted"]
     assert _sidecar(pictures / "maximize" / "classes.png")["classes"] == predicted
+
+
+def test_a_run_takes_folders_and_no_crop_through_the_same_image_path(run_copy: Path, photos: Path) -> None:
+    from cnnvis.commands.visualize import file_images
+    from cnnvis.run import load_run
+
+    out = cli("visualize", run_copy, "--image", photos, "-m", "saliency", "--no-tensorboard", code=0)
+    assert "skipped 1 unreadable image(s)" in out
+    meta = _sidecar(run_copy / "visualizations" / "saliency" / "saliency.png")
+    assert meta["images"] == [str(photos / "tall.jpg"), str(photos / "wide.png")]
+    run = load_run(run_copy)
+    cropped, whole = file_images(run, [photos / "wide.png"]).images, file_images(run, [photos / "wide.png"], crop=False).images
+    assert cropped.shape == whole.shape == (1, 3, run.spec.image_size, run.spec.image_size)
+    assert not torch.allclose(cropped, whole, atol=0.1)
