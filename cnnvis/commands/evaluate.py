@@ -39,7 +39,8 @@ from cnnvis.metrics.faithfulness import (
     heatmap_methods,
 )
 from cnnvis.projector import DEFAULT_IMAGES as DEFAULT_EMBEDDING_IMAGES
-from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun, load_run
+from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun
+from cnnvis.sources import load_source, write_source_file
 from cnnvis.training.loop import predict_split
 from cnnvis.vis.hooks import get_layer
 
@@ -140,14 +141,18 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         raise ConfigError(f"wrong {wrong}: give 0 or more", parameter="wrong")
     check_split(split)
     bundle = bundle or run.data()
-    train = run.config.train  # the same weights, precision and test-time flip as the trainer's own test
-    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(train.amp, run.device), train.tta_flip)
+    # the same weights, precision and test-time flip as the trainer's own test (another model: as it is)
+    amp, flip = (run.config.train.amp, run.config.train.tta_flip) if run.config is not None else ("off", False)
+    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(amp, run.device), flip)
     if targets.numel() == 0:
         raise DataError(f"the {split} split of {run.run_dir} is empty: nothing to evaluate")
     names = list(run.spec.class_names)
-    k = len(names)
     probs = logits.softmax(1)
+    loss = float(F.cross_entropy(logits, targets))
     confidence, predicted = probs.max(1)
+    if bundle.label_subset is not None:  # a few of many classes: tables of those, every other prediction "other"
+        names, targets, predicted = _focus(names, bundle.label_subset, targets, predicted)
+    k = len(names)
     matrix = confusion_matrix(targets, predicted, k)
     mistakes = (predicted != targets).nonzero().flatten()
     # Most confident first; the split order breaks ties so the pick is the same on every call.
@@ -159,18 +164,30 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         split=split,
         count=int(targets.numel()),
         accuracy=float((predicted == targets).double().mean()),
-        loss=float(F.cross_entropy(logits, targets)),
+        loss=loss,
         class_names=names,
         confusion=matrix,
         per_class=class_metrics(matrix, names),
         wrong_count=int(mistakes.numel()),
         confidently_wrong=shown,
         wrong_images=images,
-        checkpoint=str(run.checkpoint),
+        checkpoint=run.weights,
         epoch=run.epoch,
         architecture=run.architecture,
         untrained=run.untrained,
     )
+
+
+OTHER = "other"  #: the column of predictions outside a labelled folder's classes
+
+
+def _focus(names: list[str], present: list[int], targets: Tensor, predicted: Tensor) -> tuple[list[str], Tensor, Tensor]:
+    """Class names and labels re-indexed to the ``present`` classes plus :data:`OTHER` (predictions
+    of any class the data does not have): a 1000-class model on five folders gets a 6x6 matrix."""
+    index = torch.full((len(names),), len(present), dtype=torch.long)
+    index[torch.tensor(present)] = torch.arange(len(present))
+    index = index.to(targets.device)
+    return [names[i] for i in present] + [OTHER], index[targets], index[predicted]
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -252,7 +269,7 @@ def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", 
         "true": [names[i] for i in fixed.labels.tolist()],
         "explained": [names[i] for i in report.targets],
         "class_names": names,
-        "checkpoint": str(run.checkpoint),
+        "checkpoint": run.weights,
         "epoch": run.epoch,
         "untrained": run.untrained,
         "architecture": run.architecture,
@@ -329,13 +346,16 @@ def evaluate_command(
     road: bool = True,
     embeddings: bool = False,
     embedding_images: int = DEFAULT_EMBEDDING_IMAGES,
+    model_options: dict[str, Any] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> EvaluateOutcome:
     """What ``cnnvis evaluate`` does: metrics and pictures, then (``explanations``) the faithfulness
     table, all written to ``out_dir`` (default ``RUN/evaluation``) and to ``writer`` (or, with
     ``tensorboard``, to the run's own TensorBoard events).
 
-    ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    ``source`` is a loaded run, or any MODEL :func:`cnnvis.sources.load_source` takes, loaded onto
+    ``device`` with ``model_options`` (``weights``, ``classes``, ``size``, ``mean``, ``std``,
+    ``data``: the labelled image folder a model that is not a run is evaluated on, ``runs_dir``).
     ``subset_images``, ``sensitivity_samples`` (0: off) and ``road`` as for
     :func:`cnnvis.metrics.faithfulness`. ``embeddings``: also the penultimate features of
     ``embedding_images`` images of the split to TensorBoard's projector (:mod:`cnnvis.projector`),
@@ -343,9 +363,11 @@ def evaluate_command(
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
     if embeddings and embedding_images < 1:
         raise ConfigError(f"embedding images {embedding_images}: give at least 1", parameter="embedding_images")
+    run = source if isinstance(source, LoadedRun) else load_source(
+        source, device=resolve_device(device), allow_untrained=allow_untrained, **(model_options or {}))
+    write_source_file(run)
     own_writer = LazyWriter(run.run_dir) if (tensorboard or embeddings) and writer is None else None
     trust = {"subset_images": subset_images, "sensitivity_samples": sensitivity_samples}
     if not road:
