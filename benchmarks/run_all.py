@@ -41,8 +41,10 @@ QUICK: dict[str, tuple[list[str], str]] = {
     "mnist_time_to_99.py": (["--only", "project", "--whole-process"],
                             "the whole `cnnvis train` process only: the PyTorch example takes 10 minutes (full run: both)"),
     "maximize_speed.py": (["--steps", "32", "--reps", "1", "--threads", "1"], "32 steps instead of 128, once"),
+    "frozen_backbone.py": (["--train", "96", "--holdout", "0.01", "--size", "64", "--epochs", "2", "--repeats", "1"],
+                           "96 training images at 64 px, 2 epochs, once"),
 }
-NEEDS_DATA = {"ddp_throughput.py", "occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
+NEEDS_DATA = {"ddp_throughput.py", "frozen_backbone.py", "occlusion_speed.py", "vis_speed.py", "logging_overhead.py", "flowers_throughput.py", "mnist_time_to_99.py"}
 
 
 def last_line(text: str) -> str:

@@ -20,7 +20,7 @@ ALL_METHODS = "all"
 
 #: methods ``cnnvis visualize`` draws only when asked for by name or with ``-m all``: name -> why,
 #: with its time for the default 8 images on a 2-core CPU. None at present: on the digit net and on
-#: flowers5's resnet_small every method takes seconds (``benchmarks/RESULTS.md``, section 11)
+#: flowers5's resnet_small every method takes seconds (``benchmarks/RESULTS.md``, section 12)
 SLOW_METHODS: dict[str, str] = {}
 
 def default_methods() -> tuple[str, ...]:

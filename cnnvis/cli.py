@@ -60,9 +60,34 @@ SetOption = Annotated[list[str], typer.Option(
 AllowUntrained = Annotated[bool, typer.Option(
     "--allow-untrained", help="Explain a run that finished no epoch yet (random weights; every output says so).")]
 
+#: the MODEL argument and the options of a model that is not a run (cnnvis.sources)
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", help="A run directory or checkpoint, torchvision:NAME, timm:NAME, or a model file: "
+                          "a .pt2 (torch.export) or TorchScript.")]
+WeightsOption = Annotated[Optional[str], typer.Option(
+    metavar="NAME|FILE|none", help="Weights of a torchvision:/timm: model: a weights name (default: DEFAULT; "
+                                   "IMAGENET1K_V2 ...; timm: pretrained or a tag), a state-dict file, or none (random).")]
+ClassesOption = Annotated[Optional[Path], typer.Option(
+    metavar="FILE", help="Class names of a model: one a line, a JSON list or {index: name} (default: the weights').")]
+SizeOption = Annotated[Optional[int], typer.Option(
+    metavar="PX", help="Input size of a model (default: the weights' own, else 224).")]
+MeanOption = Annotated[Optional[str], typer.Option(
+    metavar="M[,M,M]", help="Normalisation mean of a model (default: the weights' own, else ImageNet).")]
+StdOption = Annotated[Optional[str], typer.Option(
+    metavar="S[,S,S]", help="Normalisation std of a model (default: the weights' own, else ImageNet).")]
+RunsDirOption = Annotated[Path, typer.Option(
+    "--runs-dir", help="Where a model that is not a run gets its output folder, <library>-<name>-<weights>.")]
+
 #: the library names parameters; on the command line they are these flags
 FLAGS = {"split": "--split", "target": "--target", "device": "--device", "images": "--images", "wrong": "--wrong",
-         "method": "-m"}
+         "method": "-m", "mean": "--mean", "std": "--std", "size": "--size"}
+
+
+def print_notes(notes: list[str]) -> None:
+    """What the model's loading decided (defaults used, random weights, a deprecated format), one line each."""
+    for note in notes:
+        level = "warning" if ("random weights" in note or "deprecated" in note) else "note"
+        err_console.print(f"[yellow]{level}:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def error_line(exc: CnnvisError) -> str:
@@ -217,14 +242,16 @@ _DEFAULT_SET = (
     "Draw what a trained network learned and why it decides: heatmaps, activations, filters, class images.\n\n"
     f"Methods: {', '.join(METHOD_NAMES)}.\n\n"
     f"{_DEFAULT_SET}\n\n"
-    "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/."
+    "PNGs (each with a JSON sidecar to reproduce it) go to RUN/visualizations/<method>/; "
+    "for a library model or model file, to runs/<library>-<name>-<weights>/visualizations/."
 ))
 @friendly_errors
 def visualize(
-    source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
+    source: ModelArg,
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="Method to run (repeatable; default: all but the slow ones named above; all: every one).")] = [],
     images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
-    image: Annotated[list[Path], typer.Option("--image", metavar="PATH", help="Your own image file instead (repeatable); preprocessed like evaluation.")] = [],
+    image: Annotated[list[str], typer.Option("--image", metavar="PATH", help="Your own images instead: a file, a folder or a quoted glob (repeatable).")] = [],
+    no_crop: Annotated[bool, typer.Option("--no-crop", help="Resize each whole picture to the model's size instead of cropping its centre.")] = False,
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
     target: Annotated[str, typer.Option(metavar="pred|true|CLASS", help="Explain the predicted class, the true label, or a class index or name.")] = "pred",
     layer: Annotated[list[str], typer.Option("--layer", "-l", metavar="NAME", help="Layer for layer-based methods, as listed by `cnnvis summary` (repeatable; default: the last feature map before the head, in a transformer the last block's first norm).")] = [],
@@ -232,18 +259,31 @@ def visualize(
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     allow_untrained: AllowUntrained = False,
+    weights: WeightsOption = None,
+    classes: ClassesOption = None,
+    size: SizeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
     from cnnvis.views import MethodProgress, visualize_table
 
+    options = _model_options(source, weights=weights, classes=classes, size=size, mean=mean, std=std, runs_dir=runs_dir)
     with MethodProgress(console) as bars:
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
             out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
-            on_progress=bars.update,
+            crop=not no_crop, model_options=options, on_progress=bars.update,
         )
     run = result.run
+    print_notes(result.notes)
+    if result.skipped_images:
+        shown = "; ".join(f"{p} ({why})" for p, why in result.skipped_images[:20])
+        more = f" and {len(result.skipped_images) - 20} more" if len(result.skipped_images) > 20 else ""
+        err_console.print(f"[yellow]warning:[/] skipped {len(result.skipped_images)} unreadable image(s): {escape(shown)}{more}",
+                          soft_wrap=True)
     title = f"{len(result.written)} picture{'s' if len(result.written) != 1 else ''} of\n{run.label}"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
@@ -257,26 +297,49 @@ def visualize(
         raise typer.Exit(130)
 
 
+def _model_options(source: str, **options: Any) -> dict[str, Any]:
+    """The options of a model that is not a run, as given (None: not given); a run takes none."""
+    from cnnvis.sources import is_run_source
+
+    given = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if v is not None}
+    if is_run_source(source):
+        given.pop("runs_dir", None)  # has a default: given or not, it concerns other models only
+    return given
+
+
 @app.command(cls=Command)
 @friendly_errors
 def evaluate(
-    source: Annotated[Path, typer.Argument(metavar="RUN_DIR_OR_CHECKPOINT", help="A run directory (uses checkpoints/best.pt) or a checkpoint file.")],
+    source: ModelArg,
+    data: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="A labelled image folder (one sub-folder per class) to evaluate a library model or model file on.")] = None,
     explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC and the model randomization sanity check.")] = False,
     images: Annotated[int, typer.Option("--images", "-n", help="With --explanations: fixed images of the split the maps are checked on.")] = 32,
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all).")] = [],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last feature map before the head, in a transformer the last block's first norm).")] = None,
     steps: Annotated[int, typer.Option(help="With --explanations: deletion/insertion steps (points on each curve minus one).")] = 16,
+    subset_images: Annotated[int, typer.Option("--subset-images", help="With --explanations: ROAD and max-sensitivity run on the first N of the images (they cost the most).")] = 8,
+    sensitivity_samples: Annotated[int, typer.Option("--sensitivity-samples", help="With --explanations: noisy copies per image for max-sensitivity (0: skip it).")] = 5,
+    no_road: Annotated[bool, typer.Option("--no-road", help="With --explanations: skip ROAD (remove-and-debias).")] = False,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also write the penultimate features of the split's images to TensorBoard's projector (in the run's events).")] = False,
+    embedding_images: Annotated[int, typer.Option("--embedding-images", help="With --embeddings: images in the projector.")] = 1000,
     wrong: Annotated[int, typer.Option(help="How many of the most confidently wrong images to show.")] = 16,
     split: Annotated[Split, typer.Option(help="Which split to evaluate.")] = Split.test,
     out: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Write the files here instead of RUN/evaluation.")] = None,
     no_tensorboard: Annotated[bool, typer.Option("--no-tensorboard", help="Do not log the pictures and tables to the run's TensorBoard events.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     allow_untrained: AllowUntrained = False,
+    weights: WeightsOption = None,
+    classes: ClassesOption = None,
+    size: SizeOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
     debug: Debug = False,
 ) -> None:
     """Accuracy, per-class table, confusion matrix and confidently wrong images; --explanations: which maps to trust.
 
-    Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations).
+    Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations);
+    for a library model or model file, to runs/<library>-<name>-<weights>/evaluation/.
     """
     from cnnvis.commands.evaluate import evaluate_command
     from cnnvis.views import evaluation_table, faithfulness_table, worst_mistakes_line
@@ -287,9 +350,14 @@ def evaluate(
         outcome = evaluate_command(
             source, split=split.value, wrong=wrong, out_dir=out, explanations=explanations, images=images,
             methods=list(method), layer=layer, steps=steps, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
+            subset_images=subset_images, sensitivity_samples=sensitivity_samples, road=not no_road, embeddings=embeddings,
+            embedding_images=embedding_images,
+            model_options=_model_options(source, weights=weights, classes=classes, size=size, mean=mean, std=std,
+                                         data=data, runs_dir=runs_dir),
             on_progress=lambda text: status.update(f"{escape(text)} ..."),
         )
     run, ev = outcome.run, outcome.evaluation
+    print_notes(run.notes)
     console.print(evaluation_table(ev, run.label))
     if ev.wrong_count:
         console.print(worst_mistakes_line(ev))  # prose: wrapped at words, not cut
@@ -304,19 +372,25 @@ def evaluate(
     names = ", ".join(p.name for p in written if p is not None)
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if outcome.tensorboard else ""
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
+    if outcome.embedding is not None:
+        console.print(f"projector: {outcome.embedding.features.shape[0]} {ev.split} images, {outcome.embedding.features.shape[1]} "
+                      f"features (input of {escape(outcome.embedding.layer)}); open the Projector tab of "
+                      f"tensorboard --logdir {escape(str(run.run_dir))}", soft_wrap=True)
 
 
 @app.command(cls=Command)
 @friendly_errors
 def report(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory.")],
+    run_dir: Annotated[str, typer.Argument(metavar="MODEL", help="A run directory, or a MODEL that visualize or evaluate wrote outputs for.")],
     out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write the page here instead of RUN/report.html.")] = None,
+    weights: WeightsOption = None,
+    runs_dir: RunsDirOption = Path("runs"),
     debug: Debug = False,
 ) -> None:
     """Write one self-contained HTML page of a run (config, curves, metrics, evaluation, faithfulness, pictures)."""
     from cnnvis.commands.report import build_report
 
-    result = build_report(run_dir, out)
+    result = build_report(run_dir, out, weights=weights, runs_dir=runs_dir)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     console.print(f"report: [bold]{escape(str(result.path))}[/] ({result.size / 1e6:.1f} MB, {result.pictures} pictures; "
@@ -328,16 +402,19 @@ def report(
 @app.command(cls=Command)
 @friendly_errors
 def summary(
-    source: Annotated[Path, typer.Argument(help="A YAML config, a run directory or a checkpoint file.")],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="A YAML config, or a MODEL: a run directory or checkpoint, torchvision:NAME, timm:NAME, a .pt2 file.")],
     set_: SetOption = [],
     depth: Annotated[int, typer.Option(help="Show modules nested at most this deep (0: all).")] = 0,
+    weights: WeightsOption = None,
+    size: SizeOption = None,
     debug: Debug = False,
 ) -> None:
     """Print the layer table: names exactly as --layer accepts them, output shapes, parameters, mult-adds."""
     from cnnvis.commands.summary import summarize_source
     from cnnvis.views import layer_table
 
-    result, title = summarize_source(source, set_)
+    options = {} if source.endswith((".yaml", ".yml")) else _model_options(source, weights=weights, size=size)
+    result, title = summarize_source(source, set_, **options)
     console.print(layer_table(result, title, depth, width=console.width))
 
 

@@ -108,19 +108,32 @@ class DataConfig(Section):
 #: config is checked without importing torch (models.py refuses to import if the two disagree)
 ARCHITECTURES: tuple[str, ...] = ("mnist_cnn", "mnist_classic", "resnet_small",
                                   "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+#: ``model.arch`` may also name a library model, ``torchvision:NAME`` or ``timm:NAME`` (``cnnvis.zoo``);
+#: only the prefix is checked here (torch-free), the name when the model is built
+MODEL_LIBRARIES: tuple[str, ...] = ("torchvision", "timm")
 
 
 class ModelConfig(Section):
-    arch: str = Field("mnist_cnn", description="one of ARCHITECTURES")
-    pretrained: str | None = Field(None, description="torchvision weights name (e.g. IMAGENET1K_V2) or a checkpoint path")
+    arch: str = Field("mnist_cnn", description="one of ARCHITECTURES, or a library model: torchvision:NAME, timm:NAME")
+    pretrained: str | None = Field(None, description="weights name (torchvision: DEFAULT, IMAGENET1K_V2 ...; timm: "
+                                   "pretrained or a pretrained tag), a weights or checkpoint file, or null (random weights)")
     freeze: Literal["none", "backbone"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
+        library, colon, name = arch.partition(":")
+        if colon:
+            if library not in MODEL_LIBRARIES:
+                raise ValueError(f"unknown model library {library!r}{_suggest(library, list(MODEL_LIBRARIES))}; "
+                                 "write torchvision:NAME or timm:NAME")
+            if not name.strip():
+                raise ValueError(f"{arch!r} names no model; write {library}:NAME, e.g. torchvision:resnet50")
+            return arch
         if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture{_suggest(arch, list(ARCHITECTURES))}; choose one of: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"unknown architecture{_suggest(arch, list(ARCHITECTURES))}; choose one of: "
+                             f"{', '.join(ARCHITECTURES)}, or a library model: torchvision:NAME, timm:NAME")
         return arch
 
 
@@ -152,6 +165,9 @@ class TrainConfig(Section):
     ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the weights, which is "
                        "then what is evaluated and saved (0: off; e.g. 0.999)")
     tta_flip: bool = Field(False, description="evaluate on each image and its mirror image, averaging the logits")
+    cache_features: bool = Field(
+        True, description="model.freeze: backbone without random augmentation: compute the backbone's features once "
+        "(cached in RUN/features/) and train the head on them every epoch (false: the whole network runs every step)")
     grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels_last memory format (faster convolutions on CUDA and CPU)")
@@ -177,6 +193,8 @@ class LogConfig(Section):
     hparams: bool = True
     pr_curves: bool = True
     confusion_matrix: bool = True
+    embeddings: int = Field(1000, ge=0, description="test images in TensorBoard's embedding projector at the end of "
+                            "training: the final linear layer's input, with image sprites and class labels (0: none)")
 
 
 class Config(Section):

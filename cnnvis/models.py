@@ -1,8 +1,13 @@
-"""Model registry: small CNNs for digits, a small ResNet for photos from scratch, and torchvision
-ResNets for transfer learning.
+"""Model registry: small CNNs for digits, a small ResNet for photos from scratch, torchvision
+ResNets for transfer learning, and any library model (``torchvision:NAME``, ``timm:NAME``, built
+by :mod:`cnnvis.zoo`) with its head replaced for the data's classes.
 
 Every model here ends in global average pooling (``avgpool``) and one linear layer (``fc``),
 except ``mnist_classic``, so the original CAM works on them.
+
+``model.freeze: backbone`` trains the head alone (:func:`head_module`); the frozen backbone then
+also stays in eval mode while training (:func:`set_train_mode`): BatchNorm keeps the statistics
+of the weights it came with, and dropout outside the head is off.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-from cnnvis.config import ARCHITECTURES
+from cnnvis.config import ARCHITECTURES, MODEL_LIBRARIES, Config
 from cnnvis.errors import CheckpointError, ConfigError
+from cnnvis.zoo import LIBRARIES, build_zoo_model, find_head, parse_source
 
 
 def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
@@ -132,6 +138,8 @@ _RESNETS: dict[str, tuple[Callable[..., nn.Module], str]] = {
 
 if ARCHITECTURES != ("mnist_cnn", "mnist_classic", "resnet_small", *_RESNETS):
     raise ImportError("config.ARCHITECTURES and the builders in models.py disagree")
+if MODEL_LIBRARIES != LIBRARIES:
+    raise ImportError("config.MODEL_LIBRARIES and zoo.LIBRARIES disagree")
 
 
 def _torchvision_weights(arch: str, name: str) -> tv_models.WeightsEnum:
@@ -148,12 +156,21 @@ def _torchvision_weights(arch: str, name: str) -> tv_models.WeightsEnum:
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Let an RGB ResNet read other channel counts; pretrained filters are averaged over RGB."""
-    old: nn.Conv2d = model.conv1
-    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+    """Let an RGB network read other channel counts (grey digits): its first convolution reading 3
+    channels gets ``in_channels``, each filter the mean of its pretrained RGB filters."""
+    name, old = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
+                     (None, None))
+    if old is None:
+        raise ConfigError(f"{type(model).__name__} has no convolution reading 3 channels to adapt to {in_channels} "
+                          "channel(s)", "Use RGB images with this model.")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                    groups=1, bias=old.bias is not None, padding_mode=old.padding_mode)
     with torch.no_grad():
         new.weight.copy_(old.weight.mean(dim=1, keepdim=True).expand_as(new.weight))
-    model.conv1 = new
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def _load_backbone(model: nn.Module, path: Path) -> None:
@@ -202,6 +219,35 @@ def _resnet(arch: str, num_classes: int, in_channels: int, pretrained: str | Non
     return model
 
 
+def _fixed_input_size(model: nn.Module) -> int | None:
+    """The one image side a model accepts (vision transformers with fixed position embeddings), or None."""
+    size = getattr(model, "image_size", None)  # torchvision's VisionTransformer
+    embed = getattr(model, "patch_embed", None)  # timm's
+    if size is None and embed is not None and getattr(embed, "strict_img_size", False) \
+            and not getattr(model, "dynamic_img_size", False):
+        size = getattr(embed, "img_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size) if isinstance(size, int) else None
+
+
+def _library_model(source: str, num_classes: int, in_channels: int, image_size: int, pretrained: str | None,
+                   dropout: float) -> nn.Module:
+    """A torchvision or timm model with ``pretrained`` weights (a name, a file or None) and a new
+    head for ``num_classes``; grey images get the first convolution adapted, as for the ResNets."""
+    model = build_zoo_model(source, weights=pretrained, num_classes=num_classes).model
+    fixed = _fixed_input_size(model)
+    if fixed is not None and fixed != image_size:
+        raise ConfigError(f"{source} reads {fixed} px images only, but data.transforms.image_size is {image_size}",
+                          f"Set data.transforms.image_size={fixed}.")
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    if dropout:
+        name, head = find_head(model)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Sequential(nn.Dropout(dropout), head))
+    return model.train()
+
+
 def build_model(
     arch: str,
     num_classes: int,
@@ -220,9 +266,11 @@ def build_model(
         model = SmallResNet(num_classes, in_channels, dropout=dropout)
     elif arch in _RESNETS:
         model = _resnet(arch, num_classes, in_channels, pretrained, dropout)
+    elif parse_source(arch) is not None:
+        model = _library_model(arch, num_classes, in_channels, image_size, pretrained, dropout)
     else:
         raise ConfigError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
-    if pretrained and arch not in _RESNETS:
+    if pretrained and arch in ("mnist_cnn", "mnist_classic", "resnet_small"):
         from cnnvis.checkpoint import load_model_state, load_state_dict_file
 
         if not Path(pretrained).expanduser().is_file():
@@ -237,11 +285,29 @@ def build_model(
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The classification head: the module that stays trainable with ``freeze: backbone``."""
-    for name in ("fc", "classifier"):
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise CheckpointError(f"{type(model).__name__} has no 'fc' or 'classifier' head")
+    """The classification head: what stays trainable with ``freeze: backbone``.
+
+    ``mnist_classic``: its dense ``classifier``. Any other model: the linear layer that makes the
+    logits (:func:`cnnvis.zoo.find_head`: ResNet ``fc``, VGG / EfficientNet / MobileNet
+    ``classifier[-1]``, ViT ``heads.head``, timm's classifier ...) together with the dropout right
+    before it (the dropout layers before it in the same ``nn.Sequential``, or the ``dropout`` the
+    models here apply before ``fc``): the head's dropout trains with it.
+    """
+    if isinstance(model, MnistClassic):
+        return model.classifier
+    if isinstance(model, (MnistCNN, SmallResNet)) and model.dropout.p > 0:
+        return nn.Sequential(model.dropout, model.fc)
+    name, linear = find_head(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential):
+        keys = list(parent._modules)
+        end = start = keys.index(attr)
+        while start > 0 and isinstance(parent[start - 1], nn.modules.dropout._DropoutNd):
+            start -= 1
+        if start < end:
+            return parent[start : end + 1]  # a view: the model's own modules
+    return linear
 
 
 def freeze_backbone(model: nn.Module) -> None:
@@ -249,3 +315,42 @@ def freeze_backbone(model: nn.Module) -> None:
         param.requires_grad_(False)
     for param in head_module(model).parameters():
         param.requires_grad_(True)
+
+
+def set_train_mode(model: nn.Module, freeze: str) -> None:
+    """Training mode for a training epoch: the whole model, or with ``freeze == "backbone"`` the
+    head alone, the frozen backbone staying in eval mode (BatchNorm statistics kept, its dropout off)."""
+    if freeze != "backbone":
+        model.train()
+        return
+    model.eval()
+    head_module(model).train()
+
+
+def describe_model(config: Config, model: nn.Module) -> list[str]:
+    """What a run's header says about its model: source and weights, head, what trains, inputs."""
+    from cnnvis.data.transforms import photo_statistics
+
+    m = config.model
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    try:
+        head = f"head {find_head(model)[0]}, "
+    except CheckpointError:
+        head = ""
+    lines = [f"{m.arch}, {'weights ' + str(m.pretrained) if m.pretrained else 'random weights'}",
+             f"{head}{trained:,} of {total:,} parameters train"]
+    if m.freeze == "backbone":
+        lines.append("backbone frozen, in eval mode (BatchNorm keeps its statistics)")
+    if config.data.dataset != "mnist":
+        lines.append(f"images normalised with {photo_statistics(config)[2]}")
+    elif m.arch not in ("mnist_cnn", "mnist_classic", "resnet_small"):
+        lines.append("grey digits: the first convolution reads 1 channel (each filter the mean of its RGB ones)")
+    if m.pretrained and parse_source(m.arch) is not None:
+        from cnnvis.zoo import weights_preprocessing
+
+        known = weights_preprocessing(m.arch, m.pretrained)
+        size = config.data.transforms.image_size
+        if known is not None and known.crop[0] != size:
+            lines.append(f"the weights were trained at {known.crop[0]} px; this run feeds {size} px")
+    return lines

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from cnnvis.data.bundle import DataBundle, ImageSpec
 from cnnvis.errors import CheckpointError, ConfigError
 from cnnvis.io import JsonLines, read_jsonl
 from cnnvis.models import build_model
+
+if TYPE_CHECKING:  # sources.py builds LoadedRun objects: it imports this module, not the other way round
+    from cnnvis.sources import ModelOrigin
+    from cnnvis.zoo import Preprocessing
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -104,35 +108,80 @@ def resume_point(resume: str | Path, overrides: Sequence[str] = ()) -> tuple[Pat
 
 @dataclass
 class LoadedRun:
-    """A trained model and everything needed to feed it and to name its outputs."""
+    """A model and everything needed to feed it and to name its outputs: a trained run, or (with
+    ``origin``) any other model (:mod:`cnnvis.sources`) with a run-like output directory."""
 
     model: nn.Module
-    config: Config
+    config: Config | None  #: None for a model that is not a cnnvis run
     spec: ImageSpec
-    run_dir: Path
-    checkpoint: Path
+    run_dir: Path  #: where outputs go (a run-like directory for other models)
+    checkpoint: Path | None  #: None for a model that is not a cnnvis run
     epoch: int
     device: torch.device
+    origin: ModelOrigin | None = None  #: where a model that is not a cnnvis run came from
 
     @property
     def architecture(self) -> str:
-        return self.config.model.arch
+        return self.origin.name if self.origin is not None else self.config.model.arch
 
     @property
     def untrained(self) -> bool:
-        """No epoch has finished: the weights are the random start-up ones."""
-        return self.epoch == 0
+        """No epoch has finished (a run) or random weights were asked for: explanations of nothing learned."""
+        return self.origin.random if self.origin is not None else self.epoch == 0
 
     @property
     def label(self) -> str:
         """How titles and tables name the model: ``mnist_cnn, best.pt (epoch 8)``."""
+        if self.origin is not None:
+            return self.origin.label
         return (f"{self.architecture}, {self.checkpoint.name} (epoch {self.epoch}"
                 f"{': UNTRAINED, random weights' if self.untrained else ''})")
 
+    @property
+    def weights(self) -> str:
+        """What sidecars record as the weights: the checkpoint file, a weights name or file, or ``random``."""
+        return self.origin.weights_text if self.origin is not None else str(self.checkpoint)
+
+    @property
+    def notes(self) -> list[str]:
+        """Lines the commands print once: defaults used, random weights, deprecated formats."""
+        return list(self.origin.notes) if self.origin is not None else []
+
+    @property
+    def class_aliases(self) -> tuple[str, ...]:
+        """The names ``--target`` and class folders are matched against: with every alias where the
+        model's names have them (``"tench, Tinca tinca"``), else :attr:`spec.class_names`."""
+        if self.origin is not None and self.origin.aliases is not None:
+            return tuple(self.origin.aliases)
+        return self.spec.class_names
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How an image file becomes an input (:class:`cnnvis.zoo.Preprocessing`): a run's own
+        evaluation transform (short side to ``resize``, centre crop), or what the model came with."""
+        from cnnvis.zoo import Preprocessing
+
+        if self.origin is not None:
+            return self.origin.preprocessing
+        size = self.spec.image_size
+        # the digit pipeline has no resize step: the picture is scaled to image_size
+        resize = size if self.config.data.dataset == "mnist" else (self.config.data.transforms.resize or size)
+        return Preprocessing(crop=(size, size), resize=max(resize, size), mean=self.spec.mean, std=self.spec.std,
+                             source="the run's evaluation transform")
+
     def data(self, device: torch.device | str | None = None, hint: str = "Use the data the run was trained on.") -> DataBundle:
         """The run's own data for evaluation, checked to still have the classes the model was
-        trained on (else ``hint``). Image files are read as they are needed, never all decoded
+        trained on (else ``hint``); for another model, the labelled folder it was given
+        (``origin.data``). Image files are read as they are needed, never all decoded
         up front: a command that explains eight images must not decode the training set."""
+        if self.origin is not None:
+            from cnnvis.data.folders import labelled_folder
+
+            if self.origin.data is None:
+                raise ConfigError(f"{self.architecture} has no data of its own",
+                                  "Give a labelled image folder (one sub-folder per class): --data FOLDER.")
+            return labelled_folder(self.origin.data, self.spec, self.preprocessing.transform(),
+                                   aliases=self.origin.aliases)
         from cnnvis.data import build_data
 
         config = self.config.model_copy(update={"data": self.config.data.model_copy(update={"in_memory": False})})

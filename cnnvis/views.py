@@ -74,6 +74,8 @@ class ProgressListener(Listener):
             f"        from {escape(str(data.root or root.root))} (data.root from {ROOT_SOURCES[root.root_source]})",
             f"        {escape(data.pipeline)}",
             *_processes(state),
+            *(f"[bold]{label:<7}[/] {escape(line)}" if i == 0 else f"        {escape(line)}"
+              for label, texts in state.notes for i, line in enumerate(texts)),
         ]
         for line in lines:
             self.console.print(line, soft_wrap=True, highlight=False)
@@ -203,19 +205,28 @@ def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
     layers = sorted({r.layer for r in report.rows if r.layer})
     table = Table(title=f"which map can I trust?\n{report.images} {split} images, predicted class, {report.steps} steps"
                         + (f", layer {', '.join(layers)}" if layers else ""))
-    for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "rand.\n|ρ| ↓", "SSIM", "sanity", "beats\nrandom"):
+    for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "ROAD\n↑", "max\nsens. ↓", "rand.\n|ρ| ↓", "SSIM", "sanity",
+                   "beats\nrandom"):
         table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
                          no_wrap=column == "method")
     for r in report.rows:
         table.add_row(str(r.rank), r.method, f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
-                      f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
+                      _maybe(r.road, 3), _maybe(r.sensitivity, 2), f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
                       "[green]pass[/]" if r.passed else "[red]fail[/]", "yes" if r.beats_random else "no")
     table.add_row("", "[dim]random order[/]", f"[dim]{report.random_deletion_auc:.3f}[/]",
-                  f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "")
+                  f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "", "", "")
     table.caption = (f"deletion / insertion AUC: lower / higher is better. rand. |ρ|: mean |Spearman| between the maps of the "
                      f"trained and the fully re-initialised model; above {report.threshold} fails the sanity check. "
-                     f"Ranked: passing first, then insertion − deletion.")
+                     f"ROAD: (LeRF − MoRF) / 2 of the target probability with imputed pixels, higher is better; max sens.: "
+                     f"largest relative change of the map under ±{report.sensitivity_radius:g} input noise, lower is better "
+                     f"(both on {report.subset_images} images). Ranked: passing first, then the mean place by "
+                     f"insertion − deletion and ROAD.")
     return table
+
+
+def _maybe(value: float, digits: int) -> str:
+    """A score that may not have been measured (NaN): ``–``."""
+    return f"{value:.{digits}f}" if value == value else "–"
 
 
 #: the layer table's columns, in the order they are given up when the terminal is narrow

@@ -30,6 +30,8 @@ Library = Literal["torchvision", "timm"]
 LIBRARIES: tuple[Library, ...] = ("torchvision", "timm")
 #: what ``--weights`` says for random weights
 NO_WEIGHTS = ("none", "random")
+#: what the explain commands load when ``--weights`` is not given: the library's own pretrained weights
+DEFAULT_WEIGHTS: dict[str, str] = {"torchvision": "DEFAULT", "timm": "pretrained"}
 #: ImageNet statistics: what torchvision and timm weights use, and the stated fallback for a file
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,16 +154,33 @@ def _build_torchvision(name: str, weights: str | None) -> ZooModel:
     if weights is not None and _weights_file(weights) is None and named is None:
         raise ConfigError(f"torchvision:{name} has no pretrained weights; use --weights none or a weights file")
     try:
-        model = models.get_model(name, weights=named)
+        if named is None or isinstance(named, models.WeightsEnum):
+            model = models.get_model(name, weights=named)
+        else:  # a weights-like object (another registry, a test): same fields, its own state dict
+            model = _from_weights_like(name, named)
     except (OSError, RuntimeError) as exc:  # the download needs network
+        url = getattr(named, "url", None)
+        cache = f", or place {url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/" if url else ""
         raise ConfigError(f"could not download the torchvision:{name} weights {weights!r}: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          f"Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none{cache}.") from None
     zoo = ZooModel(model, "torchvision", name, weights)
     if named is not None:
         zoo.preprocessing = preprocessing_from_torchvision(named)
         categories = named.meta.get("categories")
         zoo.class_names = list(categories) if categories else None
     return zoo
+
+
+def _from_weights_like(name: str, weights: Any) -> nn.Module:
+    """A torchvision architecture for an object shaped like its weights enum: ``meta["categories"]``
+    sets the class count, ``get_state_dict()`` (if it has one) the weights."""
+    from torchvision import models
+
+    categories = weights.meta.get("categories")
+    model = models.get_model(name, **({"num_classes": len(categories)} if categories else {}))
+    if callable(getattr(weights, "get_state_dict", None)):
+        model.load_state_dict(weights.get_state_dict(progress=False))
+    return model
 
 
 # --------------------------------------------------------------------------- timm
@@ -175,8 +194,10 @@ def _timm() -> Any:
 
 def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
     """timm's resolved data config: input size, crop fraction, interpolation, mean and std."""
-    timm = _timm()
-    config = timm.data.resolve_data_config({}, model=model)
+    return _timm_preprocessing(_timm().data.resolve_data_config({}, model=model))
+
+
+def _timm_preprocessing(config: dict[str, Any]) -> Preprocessing:
     _, height, width = config["input_size"]
     crop_pct = float(config.get("crop_pct") or 1.0)
     return Preprocessing(crop=(int(height), int(width)), resize=int(round(min(height, width) / crop_pct)),
@@ -185,7 +206,8 @@ def preprocessing_from_timm(model: nn.Module) -> Preprocessing:
 
 
 def class_names_from_timm(model: nn.Module) -> list[str] | None:
-    """ImageNet class names for a timm model pretrained on an ImageNet subset (short first alias)."""
+    """ImageNet class names for a timm model pretrained on an ImageNet subset, with their aliases
+    (``"tench, Tinca tinca"``; pictures show the first, ``--target`` matches any)."""
     timm = _timm()
     subset = timm.data.infer_imagenet_subset(model)
     if not subset:
@@ -205,7 +227,7 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
         model = timm.create_model(name, pretrained=pretrained)
     except (OSError, RuntimeError) as exc:
         raise ConfigError(f"could not download the timm:{name} weights: {exc}",
-                          "Without internet, pass --weights with a local weights file (or none).") from None
+                          "Without internet, give a local weights file (--weights FILE; in a config, model.pretrained: FILE) or none.") from None
     zoo = ZooModel(model, "timm", name.split(".")[0] if not pretrained else name, weights)
     if pretrained:
         zoo.preprocessing = preprocessing_from_timm(model)
@@ -214,6 +236,31 @@ def _build_timm(name: str, weights: str | None) -> ZooModel:
 
 
 # --------------------------------------------------------------------------- both
+def weights_preprocessing(source: str, weights: str | None) -> Preprocessing | None:
+    """The preprocessing named weights come with, read from the library's tables: nothing is built
+    or downloaded (so a run rebuilt offline normalises its images as it was trained). None for a
+    weights file, random weights, or weights that say nothing."""
+    parsed = parse_source(source)
+    weights = _normalise_weights(weights)
+    if parsed is None or weights is None:
+        return None
+    try:
+        if _weights_file(weights) is not None:
+            return None
+    except CheckpointError:  # a weights file that is gone (a run rebuilt elsewhere) says nothing either
+        return None
+    library, name = parsed
+    if library == "torchvision":
+        named = _torchvision_weights(name, weights)
+        return preprocessing_from_torchvision(named) if named is not None else None
+    timm = _timm()
+    tag = name if weights in ("pretrained", "DEFAULT") else f"{name.split('.')[0]}.{weights}"
+    config = timm.models.get_pretrained_cfg(tag)
+    if config is None:
+        return None
+    return _timm_preprocessing(timm.data.resolve_data_config(pretrained_cfg=config.to_dict()))
+
+
 def build_zoo_model(source: str, weights: str | None = None, num_classes: int | None = None) -> ZooModel:
     """The model ``source`` names (``torchvision:NAME`` / ``timm:NAME``) with ``weights`` loaded.
 
@@ -245,12 +292,12 @@ def _load_weights_file(model: nn.Module, path: Path, num_classes: int | None) ->
     from cnnvis.checkpoint import load_model_state, load_state_dict_file
 
     state = load_state_dict_file(path, model)
-    _, head = find_head(model)
-    head_key = next((k for k, v in model.state_dict().items() if v is head.weight), None)
-    saved = state.get(head_key) if head_key else None
+    head_name, head = find_head(model)
+    head_key = f"{head_name}.weight"
+    saved = state.get(head_key)
     if saved is not None and saved.shape != head.weight.shape:
         if num_classes is not None:  # the file's head is replaced anyway: keep only the backbone
-            state = {k: v for k, v in state.items() if not k.startswith(head_key.rsplit(".", 1)[0] + ".")}
+            state = {k: v for k, v in state.items() if not k.startswith(head_name + ".")}
             own = model.state_dict()
             state.update({k: v for k, v in own.items() if k not in state})
         else:

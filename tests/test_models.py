@@ -14,6 +14,7 @@ from cnnvis.models import (
     build_model,
     freeze_backbone,
     head_module,
+    set_train_mode,
 )
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -116,8 +117,8 @@ def test_frozen_backbone_gets_no_gradient():
 
 
 def test_freeze_backbone_on_a_model_without_head():
-    with pytest.raises(CheckpointError, match="no 'fc' or 'classifier'"):
-        freeze_backbone(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(CheckpointError, match="cannot find the classification head of Sequential"):
+        freeze_backbone(nn.Sequential(nn.Conv2d(2, 2, 1)))
 
 
 def test_unknown_architecture_lists_valid_names():
@@ -194,3 +195,50 @@ def test_resnet_small_is_a_tenth_of_resnet18_with_its_layer_names_and_a_cam_head
     assert maps.shape == (2, 96, 96)
     blocks = [m for m in small.modules() if type(m).__name__ == "BasicBlock"]
     assert len(blocks) == 4 and all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in blocks)  # residuals start as identity
+
+
+# ---------------------------------------------------------------------------- library models
+
+
+@pytest.mark.parametrize("arch, trained", [
+    ("torchvision:resnet18", {"fc.weight", "fc.bias"}),
+    ("torchvision:vgg11", {"classifier.6.weight", "classifier.6.bias"}),
+    ("torchvision:mobilenet_v3_small", {"classifier.3.weight", "classifier.3.bias"}),
+    ("torchvision:densenet121", {"classifier.weight", "classifier.bias"}),
+    ("torchvision:vit_b_16", {"heads.head.weight", "heads.head.bias"}),
+    ("timm:resnet18", {"fc.weight", "fc.bias"}),
+    ("timm:convnext_atto", {"head.fc.weight", "head.fc.bias"}),
+])
+def test_freeze_backbone_trains_the_head_found_in_any_library_model(arch, trained):
+    with torch.device("meta"):  # the structure without the cost of initialising big weights
+        model = build_model(arch, 5, in_channels=3, image_size=224, freeze="backbone")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert [p.shape[0] for p in head_module(model).parameters()] == [5, 5]
+
+
+def test_head_keeps_the_dropout_right_before_it():
+    with torch.device("meta"):
+        model = build_model("torchvision:mobilenet_v3_small", 5, in_channels=3, image_size=224)
+    head = head_module(model)
+    assert isinstance(head, nn.Sequential) and isinstance(head[0], nn.Dropout) and head[1] is model.classifier[3]
+
+
+def test_frozen_backbone_trains_in_eval_mode():
+    model = build_model("torchvision:mobilenet_v3_small", 5, in_channels=3, freeze="backbone")
+    set_train_mode(model, "backbone")
+    head = set(head_module(model).modules())
+    assert all(m.training == (m in head) for m in model.modules())
+    set_train_mode(model, "none")
+    assert all(m.training for m in model.modules())
+
+
+def test_grey_images_into_an_rgb_library_model():
+    model = build_model("torchvision:mobilenet_v3_small", 10, in_channels=1).eval()
+    assert model.features[0][0].in_channels == 1
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch", ["torchvision:vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_a_fixed_size_transformer_names_the_size_it_needs(arch):
+    with torch.device("meta"), pytest.raises(ConfigError, match="reads 224 px images only.*image_size=224"):
+        build_model(arch, 5, in_channels=3, image_size=128)

@@ -32,11 +32,15 @@ from cnnvis.errors import ConfigError, DataError
 from cnnvis.io import to_jsonable, write_csv, write_json
 from cnnvis.metrics.classification import ClassMetrics, class_metrics, confusion_matrix
 from cnnvis.metrics.faithfulness import (
+    DEFAULT_SENSITIVITY_SAMPLES,
+    DEFAULT_SUBSET,
     FaithfulnessReport,
     faithfulness,
     heatmap_methods,
 )
-from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun, load_run
+from cnnvis.projector import DEFAULT_IMAGES as DEFAULT_EMBEDDING_IMAGES
+from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun
+from cnnvis.sources import load_source, write_source_file
 from cnnvis.training.loop import predict_split
 from cnnvis.vis.hooks import get_layer
 
@@ -137,14 +141,18 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         raise ConfigError(f"wrong {wrong}: give 0 or more", parameter="wrong")
     check_split(split)
     bundle = bundle or run.data()
-    train = run.config.train  # the same weights, precision and test-time flip as the trainer's own test
-    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(train.amp, run.device), train.tta_flip)
+    # the same weights, precision and test-time flip as the trainer's own test (another model: as it is)
+    amp, flip = (run.config.train.amp, run.config.train.tta_flip) if run.config is not None else ("off", False)
+    logits, targets = predict_split(run.model, bundle.split(split), run.device, amp_dtype(amp, run.device), flip)
     if targets.numel() == 0:
         raise DataError(f"the {split} split of {run.run_dir} is empty: nothing to evaluate")
     names = list(run.spec.class_names)
-    k = len(names)
     probs = logits.softmax(1)
+    loss = float(F.cross_entropy(logits, targets))
     confidence, predicted = probs.max(1)
+    if bundle.label_subset is not None:  # a few of many classes: tables of those, every other prediction "other"
+        names, targets, predicted = _focus(names, bundle.label_subset, targets, predicted)
+    k = len(names)
     matrix = confusion_matrix(targets, predicted, k)
     mistakes = (predicted != targets).nonzero().flatten()
     # Most confident first; the split order breaks ties so the pick is the same on every call.
@@ -156,18 +164,30 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         split=split,
         count=int(targets.numel()),
         accuracy=float((predicted == targets).double().mean()),
-        loss=float(F.cross_entropy(logits, targets)),
+        loss=loss,
         class_names=names,
         confusion=matrix,
         per_class=class_metrics(matrix, names),
         wrong_count=int(mistakes.numel()),
         confidently_wrong=shown,
         wrong_images=images,
-        checkpoint=str(run.checkpoint),
+        checkpoint=run.weights,
         epoch=run.epoch,
         architecture=run.architecture,
         untrained=run.untrained,
     )
+
+
+OTHER = "other"  #: the column of predictions outside a labelled folder's classes
+
+
+def _focus(names: list[str], present: list[int], targets: Tensor, predicted: Tensor) -> tuple[list[str], Tensor, Tensor]:
+    """Class names and labels re-indexed to the ``present`` classes plus :data:`OTHER` (predictions
+    of any class the data does not have): a 1000-class model on five folders gets a 6x6 matrix."""
+    index = torch.full((len(names),), len(present), dtype=torch.long)
+    index[torch.tensor(present)] = torch.arange(len(present))
+    index = index.to(targets.device)
+    return [names[i] for i in present] + [OTHER], index[targets], index[predicted]
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -234,7 +254,7 @@ class FaithfulnessFiles:
 
 FAITHFULNESS_CSV_COLUMNS = ("rank", "method", "layer", "deletion_auc", "insertion_auc", "random_deletion_auc",
                             "random_insertion_auc", "randomization_spearman", "randomization_ssim",
-                            "randomization_check", "beats_random")
+                            "randomization_check", "beats_random", "road_morf", "road_lerf", "road", "max_sensitivity")
 
 
 def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", count: int = 32, **options: Any) -> FaithfulnessReport:
@@ -249,7 +269,7 @@ def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", 
         "true": [names[i] for i in fixed.labels.tolist()],
         "explained": [names[i] for i in report.targets],
         "class_names": names,
-        "checkpoint": str(run.checkpoint),
+        "checkpoint": run.weights,
         "epoch": run.epoch,
         "untrained": run.untrained,
         "architecture": run.architecture,
@@ -269,19 +289,21 @@ def write_faithfulness(report: FaithfulnessReport, out_dir: str | Path, writer: 
     rows = [[r.rank, r.method, r.layer or "", f"{r.deletion_auc:.6g}", f"{r.insertion_auc:.6g}",
              f"{report.random_deletion_auc:.6g}", f"{report.random_insertion_auc:.6g}",
              f"{r.randomization.spearman:.6g}", f"{r.randomization.ssim:.6g}",
-             "pass" if r.passed else "fail", "yes" if r.beats_random else "no"] for r in report.rows]
+             "pass" if r.passed else "fail", "yes" if r.beats_random else "no",
+             *(_csv_number(v) for v in (r.road_morf, r.road_lerf, r.road, r.sensitivity))] for r in report.rows]
     try:
         json_path = write_json(out / EvaluationFiles.FAITHFULNESS, report.to_dict())
         csv_path = write_csv(out / EvaluationFiles.FAITHFULNESS_TABLE, FAITHFULNESS_CSV_COLUMNS, rows)
     except OSError as exc:
         raise DataError(f"cannot write the faithfulness table into {out}: {exc.strerror or exc}") from None
     if writer is not None:
-        lines = ["| rank | method | deletion AUC ↓ | insertion AUC ↑ | randomization \\|ρ\\| ↓ | SSIM | check |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| rank | method | deletion AUC ↓ | insertion AUC ↑ | ROAD ↑ | max-sensitivity ↓ | randomization \\|ρ\\| ↓ | SSIM | check |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in report.rows:
-            lines.append(f"| {r.rank} | {r.method} | {r.deletion_auc:.3f} | {r.insertion_auc:.3f} | "
-                         f"{r.randomization.spearman:.2f} | {r.randomization.ssim:.2f} | {'pass' if r.passed else 'FAIL'} |")
-        lines.append(f"| | random order | {report.random_deletion_auc:.3f} | {report.random_insertion_auc:.3f} | | | |")
+            lines.append(f"| {r.rank} | {r.method} | {r.deletion_auc:.3f} | {r.insertion_auc:.3f} | {r.road:.3f} | "
+                         f"{r.sensitivity:.3f} | {r.randomization.spearman:.2f} | {r.randomization.ssim:.2f} | "
+                         f"{'pass' if r.passed else 'FAIL'} |")
+        lines.append(f"| | random order | {report.random_deletion_auc:.3f} | {report.random_insertion_auc:.3f} | | | | | |")
         writer.add_text("evaluate/faithfulness", "\n".join(lines), step)
         writer.add_image("evaluate/faithfulness_curves", plots.figure_to_tensor(png), step, dataformats="CHW")
     return FaithfulnessFiles(json_path, csv_path, curves_path)
@@ -301,6 +323,7 @@ class EvaluateOutcome:
     out_dir: Path | None = None
     run: LoadedRun | None = None  #: the run that was evaluated
     tensorboard: bool = False  #: whether pictures and scalars also went to TensorBoard
+    embedding: Any = None  #: with ``embeddings``: the :class:`cnnvis.projector.Embedding` written
 
 
 def evaluate_command(
@@ -318,21 +341,42 @@ def evaluate_command(
     device: str = "auto",
     tensorboard: bool = False,
     allow_untrained: bool = False,
+    subset_images: int = DEFAULT_SUBSET,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
+    road: bool = True,
+    embeddings: bool = False,
+    embedding_images: int = DEFAULT_EMBEDDING_IMAGES,
+    model_options: dict[str, Any] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> EvaluateOutcome:
     """What ``cnnvis evaluate`` does: metrics and pictures, then (``explanations``) the faithfulness
     table, all written to ``out_dir`` (default ``RUN/evaluation``) and to ``writer`` (or, with
     ``tensorboard``, to the run's own TensorBoard events).
 
-    ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    ``source`` is a loaded run, or any MODEL :func:`cnnvis.sources.load_source` takes, loaded onto
+    ``device`` with ``model_options`` (``weights``, ``classes``, ``size``, ``mean``, ``std``,
+    ``data``: the labelled image folder a model that is not a run is evaluated on, ``runs_dir``).
+    ``subset_images``, ``sensitivity_samples`` (0: off) and ``road`` as for
+    :func:`cnnvis.metrics.faithfulness`. ``embeddings``: also the penultimate features of
+    ``embedding_images`` images of the split to TensorBoard's projector (:mod:`cnnvis.projector`),
+    into ``writer`` or the run's own events.
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
-    own_writer = LazyWriter(run.run_dir) if tensorboard and writer is None else None
+    if embeddings and embedding_images < 1:
+        raise ConfigError(f"embedding images {embedding_images}: give at least 1", parameter="embedding_images")
+    run = source if isinstance(source, LoadedRun) else load_source(
+        source, device=resolve_device(device), allow_untrained=allow_untrained, **(model_options or {}))
+    write_source_file(run)
+    own_writer = LazyWriter(run.run_dir) if (tensorboard or embeddings) and writer is None else None
+    trust = {"subset_images": subset_images, "sensitivity_samples": sensitivity_samples}
+    if not road:
+        trust["road_fractions"] = ()
+    logs = writer or (own_writer if tensorboard else None)  # --embeddings writes there even without --tensorboard
+    projector = (writer or own_writer, embedding_images) if embeddings else None
     try:
-        return _evaluate(run, split, wrong, out_dir, writer or own_writer, explanations, images, methods, layer, steps,
-                         on_progress)
+        return _evaluate(run, split, wrong, out_dir, logs, explanations, images, methods, layer, steps, on_progress,
+                         trust, projector)
     finally:
         if own_writer is not None:
             own_writer.close()
@@ -340,13 +384,19 @@ def evaluate_command(
 
 def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None, writer: Any, explanations: bool,
               images: int, methods: list[str] | None, layer: str | None, steps: int,
-              on_progress: Callable[[str], None] | None) -> EvaluateOutcome:
+              on_progress: Callable[[str], None] | None, trust: dict[str, Any],
+              projector: tuple[Any, int] | None) -> EvaluateOutcome:
     progress = on_progress or (lambda text: None)
     out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
     check_split(split)
     if explanations:  # fail on a bad option before the evaluation pass, not after it
         if images < 1:
             raise ConfigError(f"images {images}: give at least 1", parameter="images")
+        if trust["subset_images"] < 1:
+            raise ConfigError(f"subset images {trust['subset_images']}: give at least 1", parameter="subset_images")
+        if trust["sensitivity_samples"] < 0:
+            raise ConfigError(f"sensitivity samples {trust['sensitivity_samples']}: give 0 (off) or more",
+                              parameter="sensitivity_samples")
         for name in methods or []:
             if name not in heatmap_methods():
                 raise ConfigError(f"method {name}: not a heatmap method; the faithfulness checks apply to: "
@@ -360,8 +410,16 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
     files = write_evaluation(evaluation, run, out, writer)
     outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None)
     if explanations:
-        report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress)
+        report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress,
+                                    **trust)
         title = f"deletion and insertion on {report.images} {split} images · {run.label}"
         outcome.faithfulness = report
         outcome.faithfulness_files = write_faithfulness(report, out, writer, run.epoch, title)
+    if projector is not None:
+        from cnnvis.projector import log_embedding
+
+        progress(f"projector: penultimate features of {split} images")
+        outcome.embedding = log_embedding(projector[0], run.model, bundle.eval_sets[split], run.spec.class_names,
+                                          limit=projector[1], device=run.device, mean=run.spec.mean, std=run.spec.std,
+                                          step=run.epoch, split=split)
     return outcome

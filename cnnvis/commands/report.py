@@ -34,6 +34,7 @@ from cnnvis.run import (
     EvaluationFiles,
     read_metrics,
 )
+from cnnvis.sources import SOURCE_FILE, is_run_source, output_dir
 from cnnvis.vis.registry import METHODS
 
 TEMPLATE = "report.html.j2"
@@ -153,18 +154,31 @@ def _percent(value: Any) -> str:
     return f"{value:.2%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
-    """Render the run's report to ``out`` (default ``RUN/report.html``), written atomically."""
+def build_report(run_dir: str | Path, out: str | Path | None = None, weights: str | None = None,
+                 runs_dir: str | Path = "runs") -> Report:
+    """Render the run's report to ``out`` (default ``RUN/report.html``), written atomically. For a
+    model that is not a run (``torchvision:NAME`` with ``weights``, a ``.pt2`` ...), the run-like
+    directory ``visualize`` and ``evaluate`` wrote its outputs into (under ``runs_dir``)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, UndefinedError
 
+    if not is_run_source(run_dir):
+        found = output_dir(run_dir, weights, runs_dir)
+        if not found.is_dir():
+            raise CheckpointError(f"no outputs of {run_dir} yet: {found} does not exist",
+                                  f"Run `cnnvis visualize {run_dir} --image FILE` or `cnnvis evaluate {run_dir} --data FOLDER` "
+                                  "first (with the same --weights and --runs-dir).")
+        run_dir = found
     run = Path(run_dir)
     if run.is_file() and run.parent.name == CHECKPOINT_DIR:  # a checkpoint path names its run
         run = run.parent.parent
     if not run.is_dir():
         raise CheckpointError(f"no such run directory: {run}")
-    if not (run / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run} is not a cnnvis run (no {CONFIG_FILE})", "Give the directory `cnnvis train` created.")
-    config_text = (run / CONFIG_FILE).read_text(encoding="utf-8")
+    # a model that was not trained here (torchvision:, timm:, .pt2 ...) has a run-like directory with source.yaml
+    library = not (run / CONFIG_FILE).is_file() and (run / SOURCE_FILE).is_file()
+    if not (run / CONFIG_FILE).is_file() and not library:
+        raise CheckpointError(f"{run} is not a cnnvis run (no {CONFIG_FILE} or {SOURCE_FILE})",
+                              "Give the directory `cnnvis train` created, or the one `cnnvis visualize MODEL` wrote into.")
+    config_text = (run / (SOURCE_FILE if library else CONFIG_FILE)).read_text(encoding="utf-8")
     metrics = read_metrics(run)
     notes = []
     if metrics.bad_lines:  # a kill mid-append cuts the last line; training itself skips it the same way
@@ -184,7 +198,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     model = config.get("model", {}) if isinstance(config, dict) else {}
     data = config.get("data", {}) if isinstance(config, dict) else {}
 
-    summary: list[tuple[str, str]] = [("architecture", str(model.get("arch", "?"))), ("dataset", str(data.get("dataset", "?")))]
+    if library:  # source.yaml: the model, its weights and preprocessing
+        summary: list[tuple[str, str]] = [("model", str(config.get("model", "?"))), ("weights", str(config.get("weights", "?"))),
+                                          ("classes", str(config.get("classes", "?")))]
+    else:
+        summary = [("architecture", str(model.get("arch", "?"))), ("dataset", str(data.get("dataset", "?")))]
     if epochs:
         last = epochs[-1]
         summary += [("epochs trained", str(last.get("epoch", len(epochs)))),
@@ -220,6 +238,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     faith_rows = [
         {"rank": r.rank, "method": r.method, "layer": r.layer, "beats_random": r.beats_random, "passed": r.passed,
          "deletion": _fmt(r.deletion_auc), "insertion": _fmt(r.insertion_auc), "ssim": _fmt(r.randomization.ssim, 2),
+         "road": _fmt(r.road), "road_parts": f"{_fmt(r.road_morf)} / {_fmt(r.road_lerf)}" if r.road == r.road else "",
+         "sensitivity": _fmt(r.sensitivity, 2),
          "cascade_text": " → ".join(_fmt(step.spearman, 2) for step in r.randomization.steps)}
         for r in (faithfulness.rows if faithfulness else [])
     ]
@@ -238,6 +258,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
         "Which map can I trust?": f"cnnvis evaluate {run} --explanations",
         "Visualizations": f"cnnvis visualize {run}",
     }
+    visualize_hint, curves_missing = f"cnnvis visualize {run}", f"No finished epoch yet: {hints['Training curves']}"
+    if library:  # the commands that fill a section name the model and its weights as they were given
+        weights = str(config.get("weights", "")) if isinstance(config, dict) else ""
+        name = (config.get("model", "MODEL") if isinstance(config, dict) else "MODEL") + (
+            f" --weights {'none' if weights == 'random' else weights}" if weights not in ("", "DEFAULT", "pretrained") else "")
+        visualize_hint, curves_missing = f"cnnvis visualize {name} --image FILE", "Not trained with cnnvis: no training curves"
+        hints = {"Training curves": "a model not trained with cnnvis has none",
+                 "Evaluation": f"cnnvis evaluate {name} --data FOLDER",
+                 "Which map can I trust?": f"cnnvis evaluate {name} --data FOLDER --explanations",
+                 "Visualizations": visualize_hint}
     missing = [(name, hints[name]) for name, present in sections.items() if not present]
 
     env = Environment(loader=PackageLoader("cnnvis", "templates"), autoescape=True, undefined=StrictUndefined,
@@ -259,7 +289,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
             fmt=_fmt,
             explain_groups=[g for g in gallery if _is_heatmap(g.method)],
             learned_groups=[g for g in gallery if not _is_heatmap(g.method)],
-            visualize_hint=f"cnnvis visualize {run}",
+            visualize_hint=visualize_hint,
+            curves_missing=curves_missing,
             config_text=config_text,
             missing=dict(missing),
             sections=sections,

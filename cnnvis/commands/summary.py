@@ -260,25 +260,36 @@ def summarize(
     )
 
 
-def summarize_source(source: str | Path, overrides: Sequence[str] = ()) -> tuple[ModelSummary, str]:
-    """The layer table of a config's model (``.yaml``, built with random weights) or of a trained
-    run or checkpoint; returns it with a title naming the architecture and the source."""
+def summarize_source(source: str | Path, overrides: Sequence[str] = (), **model_options: object) -> tuple[ModelSummary, str]:
+    """The layer table of a config's model (``.yaml``, built with random weights), of a trained run
+    or checkpoint, or of any other MODEL :func:`cnnvis.sources.load_source` takes (``model_options``:
+    ``weights``, ``size`` ...); returns it with a title naming the architecture and the source."""
     from cnnvis.config import load_config
     from cnnvis.data import dataset_spec
     from cnnvis.models import build_model, freeze_backbone
-    from cnnvis.run import load_run
+    from cnnvis.sources import is_run_source, load_source
+    from cnnvis.zoo import parse_source
 
-    source = Path(source)
-    if source.suffix in (".yaml", ".yml"):
-        config = load_config(source, list(overrides))
+    path = Path(str(source))
+    if path.suffix in (".yaml", ".yml"):
+        config = load_config(path, list(overrides))
         spec = dataset_spec(config)
         model = build_model(config.model.arch, spec.num_classes, spec.in_channels, spec.image_size,
                             freeze=config.model.freeze, dropout=config.model.dropout)
-        title = f"{config.model.arch} ({source})"
+        title = f"{config.model.arch} ({path})"
+        size = (spec.image_size, spec.image_size)
     else:
-        run = load_run(source, allow_untrained=True)  # the layer table does not depend on the weights
+        if overrides and not is_run_source(source):
+            raise CnnvisError("--set changes a config; this model has none")
+        if parse_source(str(source)) is not None:  # the table does not depend on the weights: none downloaded unless asked
+            model_options = {"weights": "none", **model_options}
+        run = load_source(str(source), allow_untrained=True, **model_options)
         model, spec = run.model, run.spec
-        if run.config.model.freeze == "backbone":
+        if run.config is not None and run.config.model.freeze == "backbone":
             freeze_backbone(model)
-        title = f"{run.architecture} ({run.checkpoint})"
-    return summarize(model, input_size=(1, spec.in_channels, spec.image_size, spec.image_size)), title
+        if isinstance(model, torch.jit.ScriptModule):
+            raise CnnvisError(f"{source}: a TorchScript program cannot be hooked, so it has no layer table",
+                              "Export the model with torch.export (a .pt2) instead.")
+        title = f"{run.architecture} ({run.checkpoint})" if run.origin is None else run.label
+        size = run.preprocessing.crop
+    return summarize(model, input_size=(1, spec.in_channels, *size)), title

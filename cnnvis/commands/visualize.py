@@ -22,12 +22,13 @@ from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.catalog import ALL_METHODS, default_methods
+from cnnvis.classnames import parse_target
 from cnnvis.commands.visualize_images import DRAW as DRAW_IMAGES
-from cnnvis.data import eval_transform
-from cnnvis.data.images import load_rgb
+from cnnvis.data.images import find_images, load_rgb
 from cnnvis.device import resolve_device
-from cnnvis.errors import ConfigError, UnsupportedModelError
-from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun, load_run
+from cnnvis.errors import ConfigError, DataError, UnsupportedModelError
+from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun
+from cnnvis.sources import load_source, write_source_file
 from cnnvis.vis import progress
 from cnnvis.vis.activations import stage_layers
 from cnnvis.vis.filters import first_conv
@@ -47,6 +48,8 @@ class ImageBatch:
     images: Tensor  #: [N, C, H, W], normalised like evaluation
     labels: Tensor | None  #: [N] true classes, None for the user's own files
     sources: list[str]  #: "test #123" or a file path, one per image
+    skipped: list[tuple[str, str]] = field(default_factory=list)  #: unreadable files: (path, why)
+    notes: list[str] = field(default_factory=list)  #: how many images each folder or glob gave
 
 
 @dataclass
@@ -75,6 +78,8 @@ class Result:
     tensorboard: bool = False  #: whether the pictures also went to its TensorBoard events
     interrupted: str | None = None  #: the method Ctrl-C stopped (its finished pictures are kept)
     not_run: list[str] = field(default_factory=list)  #: methods never started because of the interrupt
+    notes: list[str] = field(default_factory=list)  #: lines to state once (preprocessing, image counts ...)
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)  #: unreadable image files: (path, why)
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -87,34 +92,28 @@ def dataset_images(run: LoadedRun, split: str = "test", count: int = DEFAULT_IMA
     return ImageBatch(fixed.images, fixed.labels, fixed.sources)
 
 
-def file_images(run: LoadedRun, paths: Sequence[str | Path]) -> ImageBatch:
-    """The user's image files, preprocessed exactly like the run's evaluation images."""
-    spec = run.spec
-    transforms = run.config.data.transforms.model_copy(update={"image_size": spec.image_size})
-    if run.config.data.dataset == "mnist":  # the digit pipeline has no resize step: scale the picture to 28 px
-        transforms = transforms.model_copy(update={"resize": None})
-    prepare = eval_transform(transforms, spec.mean, spec.std)
-    tensors = []
-    for path in paths:
-        image = load_rgb(path)
-        tensors.append(prepare(image.convert("L") if spec.in_channels == 1 else image))
-    return ImageBatch(torch.stack(tensors), None, [str(p) for p in paths])
-
-
-def parse_target(text: str, class_names: Sequence[str]) -> str | int:
-    """``pred``, ``true``, a class index or a class name -> "pred" / "true" / index."""
-    if text in ("pred", "true"):
-        return text
-    if text in class_names:
-        return list(class_names).index(text)
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if 0 <= index < len(class_names):
-            return index
-        raise ConfigError(f"target {text}: class index out of range; the model has {len(class_names)} classes "
-                          f"(0..{len(class_names) - 1})", parameter="target")
-    shown = ", ".join(class_names[:20]) + (" ..." if len(class_names) > 20 else "")
-    raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", f"Classes: {shown}", parameter="target")
+def file_images(run: LoadedRun, paths: Sequence[str | Path], crop: bool = True) -> ImageBatch:
+    """The user's images (files, folders, globs: :func:`~cnnvis.data.images.find_images`),
+    preprocessed as the model's own evaluation images (:attr:`LoadedRun.preprocessing`): the short
+    side resized and the centre cropped, so the aspect is kept; ``crop=False`` resizes the whole
+    picture to the model's size instead. Unreadable files are skipped and listed."""
+    found, notes = find_images(paths)
+    prepare = run.preprocessing.transform(crop=crop)
+    tensors, sources, skipped = [], [], []
+    for path in found:
+        try:
+            image = load_rgb(path)
+        except DataError as exc:
+            if len(found) == 1:
+                raise  # the one image named: its own error, not a skip
+            skipped.append((str(path), exc.message.removeprefix(f"{path}: ")))
+            continue
+        tensors.append(prepare(image.convert("L") if run.spec.in_channels == 1 else image))
+        sources.append(str(path))
+    if not tensors:
+        raise DataError(f"none of the {len(found)} image file(s) could be read: "
+                        + "; ".join(f"{p} ({why})" for p, why in skipped[:5]))
+    return ImageBatch(torch.stack(tensors), None, sources, skipped, notes)
 
 
 def select_methods(methods: Sequence[str] | None) -> tuple[list[str], bool]:
@@ -197,12 +196,18 @@ class Visualizer:
         unsupported: list[UnsupportedModelError] = []
         for index, name in enumerate(names):
             spec = METHODS[name]
+            why_not = self.run.origin.unsupported(name) if self.run.origin is not None else None
+            if why_not is not None:  # a compiled program: skipped even when asked for, with the reason
+                self.result.skipped.append(Skipped(name, why_not))
+                continue
             self._part = (0, 1)
             try:
                 self.on_progress(name, 0.0)
                 with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
                     draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
+                if explicit and (self.run.origin is None or self.run.origin.kind == "library"):
+                    raise  # a compiled program lacks module types by nature: there, every such method is skipped
                 self.result.skipped.append(Skipped(name, str(exc)))
                 unsupported.append(exc)
             except KeyboardInterrupt:  # keep what is drawn; say what is not
@@ -244,7 +249,7 @@ class Visualizer:
             "layer": layer,
             "parameters": parameters,
             "seed": SEED,
-            "checkpoint": str(self.run.checkpoint),
+            "checkpoint": self.run.weights,
             "epoch": self.run.epoch,
             "untrained": self.run.untrained,
             "architecture": self.run.architecture,
@@ -372,28 +377,42 @@ def visualize_command(
     device: str = "auto",
     tensorboard: bool = False,
     allow_untrained: bool = False,
+    crop: bool = True,
+    model_options: dict[str, Any] | None = None,
     on_written: Callable[[Written], None] | None = None,
     on_progress: Callable[[str, float], None] | None = None,
 ) -> Result:
-    """What ``cnnvis visualize`` does: explain ``files`` (or ``images`` fixed images of ``split``) with
-    every method in ``methods`` (default: all but the slow ones; ``["all"]``: every one), writing PNGs + sidecars to ``out_dir`` (default
-    ``RUN/visualizations``) and, with ``tensorboard``, to the run's TensorBoard events.
+    """What ``cnnvis visualize`` does: explain ``files`` (files, folders, globs; or ``images`` fixed
+    images of ``split``) with every method in ``methods`` (default: all but the slow ones; ``["all"]``:
+    every one), writing PNGs + sidecars to ``out_dir`` (default ``RUN/visualizations``) and, with
+    ``tensorboard``, to the run's TensorBoard events.
 
-    ``source`` is a loaded run, or a run directory or checkpoint file loaded onto ``device``.
+    ``source`` is a loaded run, or any MODEL :func:`cnnvis.sources.load_source` takes (a run,
+    ``torchvision:NAME``, ``timm:NAME``, a ``.pt2`` or TorchScript file), loaded onto ``device``
+    with ``model_options`` (``weights``, ``classes``, ``size``, ``mean``, ``std``, ``runs_dir``).
+    A model that is not a run explains only ``files`` and writes into its run-like directory.
     Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`).
     """
     from cnnvis.training.tensorboard import LazyWriter
 
-    run = source if isinstance(source, LoadedRun) else load_run(source, device=resolve_device(device), allow_untrained=allow_untrained)
-    batch = file_images(run, files) if files else dataset_images(run, split, images)
+    run = source if isinstance(source, LoadedRun) else load_source(
+        source, device=resolve_device(device), allow_untrained=allow_untrained, **(model_options or {}))
+    if run.origin is not None and not files:
+        raise ConfigError(f"{run.architecture} has no data of its own: give images to explain",
+                          "Pass --image FILE, --image FOLDER or --image 'photos/*.jpg'.")
+    batch = file_images(run, files, crop) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
+    write_source_file(run)
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
-        visualizer = Visualizer(run, batch, out, parse_target(target, run.spec.class_names), writer, on_written,
+        visualizer = Visualizer(run, batch, out, parse_target(target, run.class_aliases), writer, on_written,
                                 on_progress)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:
         if writer is not None:
             writer.close()
     result.run, result.tensorboard = run, tensorboard
+    result.notes = [*run.notes, *batch.notes, *([] if crop else ["--no-crop: each whole picture resized to "
+                                                                   f"{'x'.join(map(str, run.preprocessing.crop))} px"])]
+    result.skipped_images = batch.skipped
     return result

@@ -28,7 +28,8 @@ MAX_MAXIMIZE_CLASSES = 16  #: "the network's idea of each class", for up to this
 
 
 def draw_maximize(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> None:
-    """One synthetic image per class (the first :data:`MAX_MAXIMIZE_CLASSES`, or the named target);
+    """One synthetic image per class (all of up to :data:`MAX_MAXIMIZE_CLASSES`, else the classes the
+    images are explained for; or the named target);
     with ``layers``, one per channel of each layer (the first :data:`MAX_MAXIMIZE_CLASSES`) instead."""
     if layers:
         for part, layer in enumerate(layers):
@@ -40,8 +41,12 @@ def draw_maximize(v: Visualizer, spec: MethodSpec, layers: Sequence[str]) -> Non
     started = time.perf_counter()
     run = v.run
     names = run.spec.class_names
-    classes = ([int(v.target_spec)] if isinstance(v.target_spec, int)
-               else list(range(min(len(names), MAX_MAXIMIZE_CLASSES))))
+    if isinstance(v.target_spec, int):
+        classes = [int(v.target_spec)]
+    elif len(names) <= MAX_MAXIMIZE_CLASSES:
+        classes = list(range(len(names)))
+    else:  # too many to draw each (ImageNet's 1000): the classes the images are explained for
+        classes = list(dict.fromkeys(v.target_list))[:MAX_MAXIMIZE_CLASSES]
     shape_of_each = torch.zeros(len(classes), *v.images.shape[1:], device=run.device)
     normalization = {"mean": list(run.spec.mean), "std": list(run.spec.std)}
     made = run_method(spec.name, run.model, shape_of_each, classes, seed=SEED, **normalization)

@@ -26,12 +26,14 @@ from cnnvis.data.transforms import (
     MNIST_MEAN,
     MNIST_STD,
     eval_transform,
+    photo_statistics,
     train_transform,
 )
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "MNIST_MEAN", "MNIST_STD", "BatchSource", "DataBundle", "FixedImages",
-    "ImageSpec", "build_data", "check_data", "check_split", "dataset_spec", "eval_transform", "train_transform",
+    "ImageSpec", "build_data", "check_data", "check_split", "dataset_spec", "eval_transform", "photo_statistics",
+    "train_transform",
 ]
 
 
@@ -67,4 +69,5 @@ def dataset_spec(config: Config) -> ImageSpec:
     from cnnvis.data.folders import FLOWERS102_CLASSES, folder_classes, photo_spec
 
     names = FLOWERS102_CLASSES if data.dataset == "flowers102" else folder_classes(config)[1]
-    return photo_spec(names, data.transforms)
+    mean, std, _ = photo_statistics(config)
+    return photo_spec(names, data.transforms, mean, std)

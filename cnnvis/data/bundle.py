@@ -77,6 +77,9 @@ class DataBundle:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     root: Path | None = None  #: the data root the files were read from
     pipeline: str = "on the device"  #: how batches are made, for the run's header line
+    #: the model classes the data has, when it has only some of them (a labelled folder of a few
+    #: ImageNet classes): evaluation tables show these and "other"
+    label_subset: list[int] | None = None
 
     @property
     def num_classes(self) -> int:

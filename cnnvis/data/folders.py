@@ -26,6 +26,7 @@ from cnnvis.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     eval_transform,
+    photo_statistics,
     train_transform,
 )
 from cnnvis.errors import DataError
@@ -44,18 +45,20 @@ def resolve_workers(num_workers: int | str) -> int:
 
 
 class FileImages(Dataset):
-    """(path, label) pairs decoded with PIL, converted to RGB, then transformed."""
+    """(path, label) pairs decoded with PIL, converted to RGB (or grayscale), then transformed."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: T.Compose) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: T.Compose, gray: bool = False) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.gray = gray
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        return self.transform(load_rgb(path)), label
+        image = load_rgb(path)
+        return self.transform(image.convert("L") if self.gray else image), label
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -116,7 +119,8 @@ def _photo_bundle(
         # A seeded random pick: the split is sorted by class, so its first N would be one class.
         keep = torch.randperm(len(samples["train"]), generator=torch.Generator().manual_seed(config.seed))[: data.subset]
         samples["train"] = [samples["train"][i] for i in sorted(keep.tolist())]
-    spec = photo_spec(class_names, t)
+    mean, std, _ = photo_statistics(config)
+    spec = photo_spec(class_names, t, mean, std)
     if in_memory(config, sum(len(v) for v in samples.values())):
         return _tensor_bundle(config, device, samples, spec, skipped, rank, world_size)
     evaluate = eval_transform(t, spec.mean, spec.std)
@@ -144,10 +148,12 @@ def _photo_bundle(
     )
 
 
-def photo_spec(class_names: Sequence[str], t: TransformConfig) -> ImageSpec:
+def photo_spec(class_names: Sequence[str], t: TransformConfig, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> ImageSpec:
     """Photos are RGB at ``image_size``, normalised with the ImageNet statistics (what pretrained
-    weights expect, and a fine default from scratch)."""
-    return ImageSpec(tuple(class_names), IMAGENET_MEAN, IMAGENET_STD, 3, t.image_size)
+    weights expect, and a fine default from scratch) unless the weights say otherwise
+    (:func:`~cnnvis.data.transforms.photo_statistics`)."""
+    return ImageSpec(tuple(class_names), tuple(mean), tuple(std), 3, t.image_size)
 
 
 def stored_side(t: TransformConfig) -> int:
@@ -266,3 +272,43 @@ def folder_classes(config: Config) -> tuple[Path, list[str]]:
     if not classes:
         raise DataError(f"{folder} has no class sub-folders", "Put each class's images in a sub-folder named after the class.")
     return folder, classes
+
+
+def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, batch_size: int = 64,
+                    aliases: Sequence[str] | None = None) -> DataBundle:
+    """Every image of a labelled folder (one sub-folder per class) as the val and test split of a
+    model that was not trained here (``spec``: its classes and channels; ``transform``: its
+    preprocessing; ``aliases``: the full class names, when they list aliases). Sub-folders are matched to the model's ``class_names`` by name
+    (case-insensitive, ``_`` as a space, any ImageNet alias); they may be a subset of them."""
+    from cnnvis.classnames import match_class
+    from cnnvis.errors import ConfigError
+
+    class_names = list(aliases) if aliases is not None else spec.class_names
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}", "Give a folder that holds one sub-folder per class.")
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subfolders:
+        raise DataError(f"{root} has no class sub-folders", "Put each class's images in a sub-folder named after the class.")
+    labels, unknown = {}, []
+    for name in subfolders:
+        try:
+            labels[name] = match_class(name, class_names, what="class folder")
+        except ConfigError as exc:
+            unknown.append(f"{name} ({exc.hint})" if exc.hint and "Nearest" in exc.hint else name)
+    if unknown:
+        raise DataError(f"{root}: {len(unknown)} class folder(s) name no class of the model: {'; '.join(unknown[:5])}",
+                        "Name each sub-folder after one of the model's classes (see --classes).")
+    candidates = [(str(p), labels[name]) for name in subfolders for p in sorted((root / name).rglob("*"))
+                  if p.is_file() and not p.name.startswith(".")]
+    good, skipped = check_images([p for p, _ in candidates])
+    keep = set(good)
+    samples = [(p, label) for p, label in candidates if p in keep]
+    if not samples:
+        raise DataError(f"{root} holds no readable images")
+    images = FileImages(samples, transform, gray=spec.in_channels == 1)
+    loader = _loader(images, batch_size, False, 0, torch.device("cpu"), 0)
+    present = sorted(set(labels.values()))
+    return DataBundle(train=loader, val=loader, test=loader, spec=spec, sizes={"train": 0, "val": len(images), "test": len(images)},
+                      eval_sets={"val": images, "test": images}, skipped=skipped, root=root, pipeline="decoded per batch",
+                      label_subset=present if len(present) < len(class_names) else None)

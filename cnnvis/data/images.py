@@ -1,4 +1,5 @@
-"""Reading image files: any PIL mode to RGB, and a check that finds unreadable files up front."""
+"""Reading image files: any PIL mode to RGB (EXIF orientation applied), finding the images a user
+names (files, folders, globs), and a check that finds unreadable files up front."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnvis.errors import DataError
 
@@ -36,15 +37,53 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file to RGB; a file that is not a readable image is a ``DataError``."""
+    """Decode any image file to RGB, turned upright as its EXIF orientation says (what a photo viewer
+    shows; a phone photo is stored sideways); a file that is not a readable image is a ``DataError``."""
     try:
         with Image.open(path) as image:
             image.load()
-            return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(image))
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise DataError(f"{path}: {check_image(path) or 'unreadable'}", "Give a PNG, JPEG, BMP, GIF, TIFF or WebP image.") from None
+
+
+#: what a folder given as ``--image`` contributes: the files PIL reads by these suffixes
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+_GLOB_CHARS = ("*", "?", "[")
+
+
+def find_images(specs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """The image files that ``specs`` name, in the given order: a file as it is, a folder as every
+    image file inside it (recursively, sorted; found by suffix), a glob (``"photos/*.jpg"``) as its
+    sorted matches. Returns ``(paths, notes)``: a note per folder or glob says how many it gave.
+    A name that matches nothing is a ``DataError``; duplicates are dropped."""
+    found: list[Path] = []
+    notes: list[str] = []
+    for spec in specs:
+        text = str(spec)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not inside:
+                raise DataError(f"no image files in {path}", f"Put {', '.join(sorted(IMAGE_SUFFIXES))} files there.")
+            notes.append(f"{path}: {len(inside)} image{'s' if len(inside) != 1 else ''}")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        elif any(c in text for c in _GLOB_CHARS):
+            root = Path(path.anchor) if path.is_absolute() else Path(".")
+            pattern = str(path.relative_to(root)) if path.is_absolute() else text
+            matches = sorted(p for p in root.glob(pattern) if p.is_file())
+            if not matches:
+                raise DataError(f"no files match {text}")
+            notes.append(f"{text}: {len(matches)} file{'s' if len(matches) != 1 else ''}")
+            found += matches
+        else:
+            raise DataError(f"image not found: {text}")
+    return list(dict.fromkeys(found)), notes
 
 
 TOO_LARGE = "image too large (decompression bomb limit)"

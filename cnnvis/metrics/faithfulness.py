@@ -1,6 +1,10 @@
 """Which map can I trust? Every heatmap method of :data:`cnnvis.vis.METHODS`, scored on the same
-images and target classes by deletion / insertion (:mod:`cnnvis.metrics.perturbation`) and the
-cascading randomization test (:mod:`cnnvis.metrics.randomization`), ranked.
+images and target classes by deletion / insertion (:mod:`cnnvis.metrics.perturbation`), ROAD
+(:mod:`cnnvis.metrics.road`), max-sensitivity (:mod:`cnnvis.metrics.sensitivity`) and the
+cascading randomization test (:mod:`cnnvis.metrics.randomization`), ranked (:func:`rank_rows`).
+
+ROAD and max-sensitivity cost the most (a sparse solve per removed fraction, an explanation per
+noisy copy), so they run on the first ``subset_images`` images only.
 
 Maps are compared as the importance they rank: the raw heatmap, upsampled to the input size,
 higher = more important (signed maps therefore rank positive evidence first). Everything is
@@ -37,6 +41,8 @@ from cnnvis.metrics.randomization import (
     RandomizationResult,
     randomization_checks,
 )
+from cnnvis.metrics.road import DEFAULT_FRACTIONS, NOISE, road_curves
+from cnnvis.metrics.sensitivity import DEFAULT_RADIUS, max_sensitivity, perturbations
 from cnnvis.vis.hooks import (
     Targets,
     check_images,
@@ -49,6 +55,9 @@ from cnnvis.vis.maps import upsample
 from cnnvis.vis.registry import METHODS, get_method, run_method
 
 DEFAULT_IMAGES = 32
+DEFAULT_SUBSET = 8  #: images ROAD and max-sensitivity run on
+DEFAULT_SENSITIVITY_SAMPLES = 5  #: noisy copies per image (Captum's default is 10; each is one explanation)
+NAN = float("nan")
 
 
 def heatmap_methods() -> list[str]:
@@ -91,6 +100,16 @@ class FaithfulnessRow:
     beats_random: bool  #: lower deletion and higher insertion AUC than the random pixel order
     seconds: float
     rank: int = 0
+    road_morf: float = NAN  #: mean target probability, most relevant pixels removed; lower is better
+    road_lerf: float = NAN  #: least relevant pixels removed; higher is better
+    road_morf_curve: list[float] = field(default_factory=list)  #: mean probability at each removal fraction
+    road_lerf_curve: list[float] = field(default_factory=list)
+    sensitivity: float = NAN  #: mean max-sensitivity over the images; lower is better
+
+    @property
+    def road(self) -> float:
+        """pytorch-grad-cam's ``ROADCombined``: (LeRF - MoRF) / 2; higher is better."""
+        return (self.road_lerf - self.road_morf) / 2
 
     @property
     def passed(self) -> bool:
@@ -117,6 +136,11 @@ class FaithfulnessReport:
     baseline: float
     seed: int
     targets: list[int]
+    road_fractions: list[float] = field(default_factory=list)  #: empty: ROAD not measured
+    road_noise: float = NOISE
+    subset_images: int = 0  #: images ROAD and max-sensitivity ran on
+    sensitivity_samples: int = 0  #: 0: max-sensitivity not measured
+    sensitivity_radius: float = DEFAULT_RADIUS
     skipped: list[tuple[str, str]] = field(default_factory=list)  #: (method, reason)
     info: dict[str, Any] = field(default_factory=dict)  #: checkpoint, images used, class names ...
 
@@ -130,6 +154,9 @@ class FaithfulnessReport:
                 "randomization_check": "pass" if r.passed else "fail", "beats_random": r.beats_random,
                 "cascade": r.randomization.steps, "deletion_curve": r.deletion_curve,
                 "insertion_curve": r.insertion_curve, "seconds": r.seconds,
+                "road_morf": r.road_morf, "road_lerf": r.road_lerf, "road": r.road,
+                "road_morf_curve": r.road_morf_curve, "road_lerf_curve": r.road_lerf_curve,
+                "max_sensitivity": r.sensitivity,
             })
         return to_jsonable({
             "methods": rows,
@@ -141,7 +168,10 @@ class FaithfulnessReport:
                 "threshold": self.threshold, "insertion_start": self.insertion_start,
                 "deletion_baseline": self.baseline, "seed": self.seed,
                 "similarity": "mean |Spearman| (verdict) and SSIM between trained and fully randomised maps",
-                "ranking": "passing methods first, then insertion AUC minus deletion AUC, highest first",
+                "ranking": RANKING,
+                "road_fractions": self.road_fractions, "road_noise": self.road_noise,
+                "subset_images": self.subset_images, "sensitivity_samples": self.sensitivity_samples,
+                "sensitivity_radius": self.sensitivity_radius,
             },
             "targets": self.targets,
             **self.info,
@@ -162,6 +192,10 @@ class FaithfulnessReport:
                 deletion_curve=[_number(v) for v in r["deletion_curve"]],
                 insertion_curve=[_number(v) for v in r["insertion_curve"]],
                 beats_random=bool(r["beats_random"]), seconds=_number(r["seconds"]), rank=int(r["rank"]),
+                road_morf=_number(r.get("road_morf")), road_lerf=_number(r.get("road_lerf")),
+                road_morf_curve=[_number(v) for v in r.get("road_morf_curve", [])],
+                road_lerf_curve=[_number(v) for v in r.get("road_lerf_curve", [])],
+                sensitivity=_number(r.get("max_sensitivity")),
             )
             for r in data["methods"]
         ]
@@ -175,6 +209,10 @@ class FaithfulnessReport:
             threshold=threshold, insertion_start=params["insertion_start"], baseline=float(params["deletion_baseline"]),
             seed=int(params["seed"]), targets=list(data["targets"]),
             skipped=[(item["method"], item["reason"]) for item in data.get("skipped", [])],
+            road_fractions=[float(v) for v in params.get("road_fractions", [])],
+            road_noise=float(params.get("road_noise", NOISE)), subset_images=int(params.get("subset_images", 0)),
+            sensitivity_samples=int(params.get("sensitivity_samples", 0)),
+            sensitivity_radius=float(params.get("sensitivity_radius", DEFAULT_RADIUS)),
             info={k: v for k, v in data.items() if k not in known},
         )
 
@@ -184,10 +222,27 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+RANKING = ("passing methods first, then the mean of each method's places by insertion minus deletion AUC and by "
+           "ROAD (LeRF - MoRF) / 2 (both highest first; insertion minus deletion alone when ROAD was not measured), "
+           "ties by insertion minus deletion; max-sensitivity is shown but does not rank")
+
+
 def rank_rows(rows: Sequence[FaithfulnessRow]) -> list[FaithfulnessRow]:
     """Methods that pass the randomization test first (a map that ignores the weights is no
-    explanation however well it deletes), then by insertion minus deletion AUC."""
-    ranked = sorted(rows, key=lambda r: (not r.passed, -r.margin))
+    explanation however well it deletes), then by the mean of their places on the two
+    faithfulness scores, insertion - deletion AUC and ROAD: both ask whether the map's order of
+    pixels is the model's, ROAD without deletion's tell-tale holes, so neither alone decides.
+
+    Max-sensitivity does not rank: a map that ignores the input entirely is perfectly stable.
+    """
+    scores: list[Callable[[FaithfulnessRow], float]] = [lambda r: r.margin]
+    if rows and all(r.road == r.road for r in rows):  # NaN: ROAD not measured
+        scores.append(lambda r: r.road)
+    place = {id(r): 0.0 for r in rows}
+    for score in scores:
+        for i, row in enumerate(sorted(rows, key=lambda r: -score(r))):
+            place[id(row)] += i / len(scores)
+    ranked = sorted(rows, key=lambda r: (not r.passed, place[id(r)], -r.margin))
     for i, row in enumerate(ranked, 1):
         row.rank = i
     return ranked
@@ -207,9 +262,18 @@ def faithfulness(
     baseline: float = 0.0,
     seed: int = SEED,
     batch_size: int | None = None,
+    road_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    subset_images: int = DEFAULT_SUBSET,
+    sensitivity_samples: int = DEFAULT_SENSITIVITY_SAMPLES,
+    sensitivity_radius: float = DEFAULT_RADIUS,
     on_progress: Callable[[str], None] | None = None,
 ) -> FaithfulnessReport:
-    """Deletion / insertion AUC and the randomization test for each heatmap method (default: all).
+    """Deletion / insertion AUC, ROAD, max-sensitivity and the randomization test for each heatmap
+    method (default: all).
+
+    ROAD (at ``road_fractions``; empty: skipped) and max-sensitivity (``sensitivity_samples``
+    noisy copies of radius ``sensitivity_radius``; 0: skipped) run on the first ``subset_images``
+    images. Every method sees the same noisy copies, and the same ROAD noise stream.
 
     ``images`` are normalised ``[N, C, H, W]`` on the model's device; ``targets`` as for the
     methods (default: each image's predicted class). A method the model cannot support (CAM
@@ -227,6 +291,11 @@ def faithfulness(
     progress = on_progress or (lambda text: None)
     with model_state(model, grad=False):
         t = resolve_targets(targets, model(images))
+    if subset_images < 1:
+        raise ConfigError(f"subset images {subset_images}: give at least 1", parameter="subset_images")
+    subset = min(subset_images, images.shape[0])
+    noise = perturbations(images[:subset], sensitivity_samples, sensitivity_radius,
+                          torch.Generator().manual_seed(seed)) if sensitivity_samples else None
 
     generator = torch.Generator().manual_seed(seed)
     start_images = insertion_start(images, start, baseline)
@@ -244,6 +313,7 @@ def faithfulness(
     originals: dict[str, Tensor] = {}
     measured: dict[str, tuple[Tensor, Tensor, float]] = {}
     skipped: list[tuple[str, str]] = []
+    extra: dict[str, dict[str, Any]] = {}  #: ROAD and max-sensitivity fields of each row
     for name in names:
         progress(f"deletion / insertion: {name}")
         started = time.perf_counter()
@@ -259,6 +329,20 @@ def faithfulness(
         order = importance_order(maps, torch.Generator().manual_seed(seed))
         deletion, insertion = curves(order)
         explainers[name], originals[name] = explain, maps
+        extra[name] = {}
+        if road_fractions:
+            progress(f"ROAD: {name}")
+            stream = torch.Generator().manual_seed(seed)
+            for kind in ("morf", "lerf"):
+                found = road_curves(model, images[:subset], t[:subset], maps[:subset], kind, fractions=road_fractions,
+                                    generator=stream, batch_size=batch_size)
+                extra[name][f"road_{kind}"] = float(found.mean())
+                extra[name][f"road_{kind}_curve"] = found.mean(dim=0).tolist()
+        if noise is not None:
+            progress(f"max-sensitivity: {name}")
+            extra[name]["sensitivity"] = float(max_sensitivity(model, images[:subset], t[:subset], explain,
+                                                               samples=sensitivity_samples, maps=maps[:subset],
+                                                               noise=noise).mean())
         measured[name] = (deletion, insertion, time.perf_counter() - started)
     if not explainers:
         raise VisError("no heatmap method works on this model: " + "; ".join(f"{m}: {why}" for m, why in skipped))
@@ -280,6 +364,7 @@ def faithfulness(
             insertion_curve=insertion.mean(dim=0).tolist(),
             beats_random=del_auc < random_del_auc and ins_auc > random_ins_auc,
             seconds=seconds + shared,
+            **extra[name],
         ))
     return FaithfulnessReport(
         rows=rank_rows(rows),
@@ -296,4 +381,8 @@ def faithfulness(
         seed=seed,
         targets=t.tolist(),
         skipped=skipped,
+        road_fractions=[float(f) for f in road_fractions],
+        subset_images=subset if (road_fractions or noise is not None) else 0,
+        sensitivity_samples=sensitivity_samples,
+        sensitivity_radius=sensitivity_radius,
     )

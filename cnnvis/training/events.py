@@ -39,6 +39,8 @@ class TrainState:
     #: ``(logits [N, classes], targets [N])`` on the CPU of the test pass, once it ran: listeners
     #: draw PR curves and the confusion matrix from it instead of predicting the split again
     test_predictions: tuple[Tensor, Tensor] | None = None
+    #: ``(label, lines)`` the run's header shows besides run, device and data (the model, the fast path)
+    notes: list[tuple[str, list[str]]] = field(default_factory=list)
 
     @property
     def evaluated_model(self) -> nn.Module:

@@ -162,6 +162,8 @@ class TensorBoardListener(Listener):
                 w.add_scalar(tag, float(value), step)
         if self.log.confusion_matrix or self.log.pr_curves:
             self._safely("test predictions", self._write_test_curves, state, step)
+        if self.log.embeddings:
+            self._safely("projector", self._write_embedding, state, step)
         if self.log.hparams:
             self._safely("hparams", self._write_hparams_end)
         w.flush()
@@ -283,6 +285,13 @@ class TensorBoardListener(Listener):
         rows = torch.cat([plots.to_rgb(shown), over])  # inputs above, where the network looks below
         grid = make_grid(_enlarge(rows), nrow=images.shape[0], padding=2, pad_value=1.0)
         self.writer.add_image("explain/gradcam", grid, state.global_step, dataformats="CHW")
+
+    def _write_embedding(self, state: TrainState, step: int) -> None:
+        from cnnvis.projector import log_embedding
+
+        spec = state.data.spec
+        log_embedding(self.writer, _best_model(state), state.data.eval_sets["test"], spec.class_names,
+                      limit=self.log.embeddings, device=state.device, mean=spec.mean, std=spec.std, step=step)
 
     def _write_test_curves(self, state: TrainState, step: int) -> None:
         if state.test_predictions is not None:  # the trainer's test pass, with the same best.pt weights

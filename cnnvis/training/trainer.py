@@ -32,7 +32,7 @@ from cnnvis.device import (
 )
 from cnnvis.errors import ConfigError, TrainingError
 from cnnvis.io import append_jsonl, read_jsonl, write_jsonl
-from cnnvis.models import build_model
+from cnnvis.models import build_model, describe_model, set_train_mode
 from cnnvis.run import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -43,6 +43,7 @@ from cnnvis.run import (
 )
 from cnnvis.training import distributed
 from cnnvis.training.events import Listener, TrainState
+from cnnvis.training.features import plan_fast_path
 from cnnvis.training.loop import evaluate, predict_split, split_scores
 from cnnvis.training.optim import check_schedule_fits, make_optimizer, make_scheduler
 from cnnvis.training.regularize import (
@@ -110,6 +111,10 @@ class Trainer:
         self.state = TrainState(config, self.run_dir, self.device, model, optimizer, self.data, steps_per_epoch=steps_per_epoch,
                                 average=self.average.module if self.average is not None else None,
                                 world_size=self.world.size)
+        # frozen backbone, nothing random: the head trains on features computed once (training/features.py)
+        self.fast, fast_lines = plan_fast_path(config, model, self.data, self.device, self.amp, self.run_dir, self.world.size)
+        self.train_model = self.fast.head if self.fast is not None else self.train_model
+        self.state.notes = [("model", describe_model(config, model)), *([("fast", fast_lines)] if fast_lines else [])]
         self.saved_epoch: int | None = None  # the epoch checkpoints/last.pt holds, once written
         #: the stored test metrics when ``resume`` names a run that already finished (nothing to train)
         self.finished: dict[str, Any] | None = None
@@ -147,7 +152,8 @@ class Trainer:
             "rng": rng[0],
             **({"rng_per_rank": rng} if len(rng) > 1 else {}),
             "config": config_to_dict(self.config),
-            "meta": {"arch": self.config.model.arch, **self.data.spec.to_dict()},
+            # arch names the source (torchvision:NAME ...): later commands build it with random weights and load "model"
+            "meta": {"arch": self.config.model.arch, "weights": self.config.model.pretrained, **self.data.spec.to_dict()},
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:
@@ -175,7 +181,7 @@ class Trainer:
         s.global_step = int(payload["global_step"])
         s.best_val_accuracy = float(payload["best_val_accuracy"])
         s.epochs_without_improvement = int(payload.get("epochs_without_improvement", 0))
-        restore_rng(distributed.own_rng(payload, self.world), self.device, self.data.train)
+        restore_rng(distributed.own_rng(payload, self.world), self.device, self.train_source)
         if len(payload.get("rng_per_rank") or [0]) != self.world.size:  # resumed by another number of processes
             distributed.seed_rank(self.config.seed, self.world, s.epoch)
         rows = read_jsonl(self.run_dir / METRICS_FILE).rows
@@ -192,6 +198,11 @@ class Trainer:
     def evaluated_model(self) -> nn.Module:
         return self.state.evaluated_model
 
+    @property
+    def train_source(self) -> Any:
+        """The training batches: images, or on the fast path the backbone's features."""
+        return self.fast.train if self.fast is not None else self.data.train
+
     def _placed(self, model: nn.Module) -> nn.Module:
         """``model`` on the run's device, in channels_last when ``train.channels_last`` (faster
         convolutions on CUDA and on CPUs through oneDNN alike), with that choice noted on it."""
@@ -203,7 +214,7 @@ class Trainer:
 
     def save(self, which: Sequence[str] = ("last",)) -> None:
         """Every rank calls this (it gathers their random states); rank 0 writes."""
-        rng = distributed.gather_to_main(rng_state(self.device, self.data.train))
+        rng = distributed.gather_to_main(rng_state(self.device, self.train_source))
         if rng is not None:
             payload = self._payload(rng)
             with interrupts_deferred():  # Ctrl-C lands after the write: last.pt and best.pt of one epoch
@@ -224,6 +235,7 @@ class Trainer:
         s, device = self.state, self.device
         model, optimizer, config = self.train_model, s.optimizer, self.config
         model.train()
+        set_train_mode(s.model, config.model.freeze)  # a frozen backbone stays in eval mode
         distributed.set_epoch(self.data.train, s.epoch)
         losses = torch.zeros(max(s.steps_per_epoch, 1), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -233,7 +245,7 @@ class Trainer:
         layout = memory_format(model)
         lr_first, lr_max, lr_sum = optimizer.param_groups[0]["lr"], 0.0, 0.0
         start = time.perf_counter()
-        for step, (images, labels) in enumerate(self.data.train):
+        for step, (images, labels) in enumerate(self.train_source):
             s.lr = optimizer.param_groups[0]["lr"]  # a Python float the scheduler keeps: no device sync
             lr_max, lr_sum = max(lr_max, s.lr), lr_sum + s.lr
             images = images.to(device, non_blocking=True, memory_format=layout)
@@ -241,7 +253,7 @@ class Trainer:
             targets = labels
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
-            if step == 0:
+            if step == 0 and self.fast is None:  # features are no images to show
                 self._emit("on_first_batch", images, labels)
             with autocast(device, self.amp):
                 logits = model(images)
@@ -306,6 +318,8 @@ class Trainer:
         if self.saved_epoch is None:
             self.save(["last"])  # a resume point exists from the first second on
         self._emit("on_train_start")
+        if self.fast is not None:
+            self.fast.prepare()
         batch_key, where = "batch_size", "in epoch 1"
         try:
             while s.epoch < config.train.epochs:
@@ -314,7 +328,8 @@ class Trainer:
                 metrics = self.train_one_epoch()
                 batch_key = "eval_batch_size"
                 distributed.broadcast_buffers(self.evaluated_model)  # every rank evaluates what rank 0 saves
-                val = evaluate(self.evaluated_model, self.data.val, self.device, self.amp, config.train.tta_flip)
+                val = evaluate(*((self.fast.head, self.fast.val) if self.fast is not None else (self.evaluated_model, self.data.val)),
+                               self.device, self.amp, config.train.tta_flip)
                 if not math.isfinite(val["loss"]):
                     # The training losses were finite, so the last steps broke the weights: keep them out of last.pt.
                     raise self._diverged(

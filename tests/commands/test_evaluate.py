@@ -72,7 +72,7 @@ def test_evaluation_agrees_with_training_and_sorts_the_mistakes(trained):
 
 
 def test_evaluate_explanations_writes_json_csv_png_and_tensorboard(run):
-    out = invoke(run, "--explanations", "--images", "6", "--steps", "8")
+    out = invoke(run, "--explanations", "--images", "6", "--steps", "8", "--subset-images", "3", "--sensitivity-samples", "2")
     folder = run / "evaluation"
     assert {p.name for p in folder.iterdir()} >= {
         "metrics.json", "per_class.csv", "confusion_matrix.png", "confusion_matrix.json",
@@ -100,10 +100,17 @@ def test_evaluate_explanations_writes_json_csv_png_and_tensorboard(run):
         table = list(csv.DictReader(fh))
     assert [r["method"] for r in table] == methods
     assert {r["randomization_check"] for r in table} <= {"pass", "fail"}
+    # ROAD and max-sensitivity for every method, on the subset asked for
+    assert faith["parameters"]["subset_images"] == 3 and faith["parameters"]["sensitivity_samples"] == 2
+    for m, r in zip(faith["methods"], table):
+        assert 0 <= m["road_morf"] <= 1 and 0 <= m["road_lerf"] <= 1 and m["max_sensitivity"] >= 0
+        assert m["road"] == pytest.approx((m["road_lerf"] - m["road_morf"]) / 2)
+        assert len(m["road_morf_curve"]) == len(faith["parameters"]["road_fractions"]) == 3
+        assert float(r["road"]) == pytest.approx(m["road"], abs=1e-5) and float(r["max_sensitivity"]) >= 0
 
     flat = " ".join(out.split())
     assert "accuracy 91.67% (11/12)" in flat
-    for name in CLASSES + ["which map can I trust?", "random order", "gradcam", "integrated-gradients"]:
+    for name in CLASSES + ["which map can I trust?", "random order", "gradcam", "integrated-gradients", "ROAD", "sens."]:
         assert name in flat, name
     assert "pass" in flat
     assert f"written to {folder}" in flat
@@ -125,3 +132,13 @@ def test_evaluate_without_explanations_and_bad_options(run, tmp_path):
     assert "layer" in invoke(run, "--explanations", "--layer", "features.99", code=2)
     assert not (run / "evaluation").exists(), "a bad option must fail before anything is written"
     assert "no such run" in invoke(tmp_path / "missing", code=2)
+    assert "subset images" in invoke(run, "--explanations", "--subset-images", "0", code=2)
+    assert not (run / "evaluation").exists()
+
+
+def test_evaluate_embeddings_writes_the_projector_into_the_run(run):
+    out = invoke(run, "--embeddings", "--embedding-images", "5", "--no-tensorboard", "--wrong", "0")
+    metadata = next(run.glob("*/penultimate/metadata.tsv")).read_text().splitlines()
+    assert len(metadata) == 6 and {line.split("\t")[0] for line in metadata[1:]} <= set(CLASSES)
+    assert (run / "projector_config.pbtxt").is_file()
+    assert "projector: 5 test images" in " ".join(out.split())

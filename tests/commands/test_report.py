@@ -97,6 +97,11 @@ def test_report_is_one_self_contained_page(full_run):
         assert text in html, text
     faith = json.loads((full_run / "evaluation" / "faithfulness.json").read_text())
     assert html.count('class="badge pass"') == sum(m["randomization_check"] == "pass" for m in faith["methods"])
+    # ROAD and max-sensitivity: each method's numbers, and what they mean
+    for text in ("ROAD", "Max-sensitivity", "MoRF", "LeRF", "higher is better", "lower is better", "20%, 50%, 80%"):
+        assert text in html, text
+    for m in faith["methods"]:
+        assert f'{m["road"]:.3f}' in html and f'{m["max_sensitivity"]:.2f}' in html
     # what a user asks first comes first: curves, heatmaps, the trust table, the evaluation; then,
     # folded, what was learned (filters ...)
     order = [html.index(marker) for marker in ('id="training"', 'id="method-gradcam"', 'id="faithfulness"',

@@ -30,7 +30,7 @@ from cnnvis.training.trainer import Listener, Trainer
 ALL_OFF = [
     "log.step_loss=false", "log.histograms_every=0", "log.images=false", "log.filters=false",
     "log.misclassified=0", "log.explain_every=0", "log.graph=false", "log.hparams=false",
-    "log.pr_curves=false", "log.confusion_matrix=false",
+    "log.pr_curves=false", "log.confusion_matrix=false", "log.embeddings=0",
 ]
 
 
@@ -206,6 +206,21 @@ def test_graph_hparams_pr_curves_and_config_text(rgb_run):
     assert not [p for p in trainer.run_dir.rglob("events.out.tfevents.*") if p.parent != trainer.run_dir]
 
 
+def test_the_projector_holds_every_test_image_with_its_class(rgb_run):
+    trainer, _, _ = rgb_run
+    config = (trainer.run_dir / "projector_config.pbtxt").read_text()
+    assert 'tensor_name: "penultimate' in config and "sprite" in config
+    folder = next(trainer.run_dir.glob("*/penultimate"))
+    rows = (folder / "tensors.tsv").read_text().splitlines()
+    metadata = (folder / "metadata.tsv").read_text().splitlines()
+    assert len(rows) == 9 and len(metadata) == 10  # 3 test images per class, and the header
+    assert len(rows[0].split("\t")) == trainer.state.model.fc.in_features  # the head's input
+    assert metadata[0].split("\t") == ["class", "predicted", "image"]
+    assert sorted({line.split("\t")[0] for line in metadata[1:]}) == ["class_0", "class_1", "class_2"]
+    with Image.open(folder / "sprite.png") as sprite:
+        assert sprite.size == (16 * 3, 16 * 3)  # 9 thumbnails of 16 px, 3 a row
+
+
 # ---------------------------------------------------------------------- grey images, switches
 
 
@@ -221,6 +236,7 @@ def test_grayscale_inputs_and_every_switch_off(tmp_path):
     assert tags["histograms"] == [] and not tags["graph"]
     assert [t for t in tags["tensors"] if t != "custom_scalars__config__"] == []
     assert tags["images"] == ["inputs/train"]
+    assert not (trainer.run_dir / "projector_config.pbtxt").exists()
     (inputs,) = acc.Images("inputs/train")
     side = 28 * 2
     assert (inputs.width, inputs.height) == (8 * (side + 2) + 2, side + 4)

@@ -33,7 +33,7 @@ from cnnvis.vis.layouts import infer_layout
 
 timm = pytest.importorskip("timm")
 
-GELU_MODELS = {"cam", "guided-backprop", "guided-gradcam"}  # no GAP + linear head, no ReLU to guide
+GELU_MODELS = {"cam", "guided-backprop", "guided-gradcam", "deconvnet"}  # no GAP + linear head, no ReLU to guide
 FAST = {"samples": 4, "steps": 8}  #: fewer passes for the sampling and path methods (what they compute is tested elsewhere)
 
 
@@ -64,7 +64,7 @@ tv = torchvision.models
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, str, set[str]]] = {
     "resnet18": (lambda: tv.resnet18(num_classes=5), 64, "layer4", set()),
     "vgg11-style": (_vgg, 32, "features.14", {"cam"}),  # flat features: the last (in-place) ReLU
-    "mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=5), 64, "features", GELU_MODELS),  # ReLU6, functional pool
+    "mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=5), 64, "features", {"cam"}),  # ReLU6 (guided by its own rule), functional pool
     "densenet": (lambda: tv.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=5),
                  32, "features", {"cam"}),  # functional final ReLU and pooling
     "vit": (lambda: tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
