@@ -108,6 +108,11 @@ def test_no_options_draws_every_method_but_the_slow_ones_into_the_run_and_tensor
     assert occlusion["parameters"]["window"] == [3, 3] and occlusion["parameters"]["incremental"] == "auto"
     assert occlusion["computation"].startswith("incremental (exact")  # or "full forward: <why>"
     assert sidecar(folder / "occlusion" / "predicted-class.png")["computation"] == occlusion["computation"]
+    if "maximize" not in SLOW_METHODS:
+        drawn = sidecar(folder / "maximize" / "classes.png")
+        assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
+        assert drawn["parameters"]["recipe"]["param"] == "pixel"  # 20 px: too small for the Fourier recipe
+        assert drawn["parameters"]["mean"] == list(load_run(run).spec.mean)
     dream = sidecar(folder / "deepdream" / "features.10.png")
     assert dream["layer"] == "features.10" and dream["parameters"]["steps"] == 20 and dream["octave_sizes"] == [[20, 20]]
     assert all(a > b for a, b in zip(dream["layer_mean_square_after"], dream["layer_mean_square_before"]))
@@ -117,18 +122,6 @@ def test_no_options_draws_every_method_but_the_slow_ones_into_the_run_and_tensor
     tags = set(events.Tags()["images"])
     assert {"visualize/gradcam/features.13", "visualize/saliency", "visualize/scorecam/features.13",
             "visualize/deepdream/features.10"} <= tags
-
-
-def test_maximize_alone_draws_the_classes_from_noise(run):
-    invoke(run, "-m", "maximize", "--images", "2")
-    drawn = sidecar(run / "visualizations" / "maximize" / "classes.png")
-    assert drawn["classes"] == CLASSES and len(drawn["probability"]) == len(CLASSES)
-    assert drawn["parameters"]["recipe"]["param"] == "pixel"  # 20 px: too small for the Fourier recipe
-    assert drawn["parameters"]["mean"] == list(load_run(run).spec.mean)
-    assert "images" not in drawn and "targets" not in drawn  # drawn from noise: no explained images to list
-    events = EventAccumulator(str(run), size_guidance={"images": 0})
-    events.Reload()
-    assert "visualize/maximize/classes" in set(events.Tags()["images"])
 
 
 def test_which_methods_run_without_m_with_names_and_with_all(monkeypatch):
