@@ -191,8 +191,6 @@ class Visualizer:
                 with progress.reporting(lambda done, total, name=name: self._report(name, done, total)):
                     draw[spec.kind](spec, layers)
             except UnsupportedModelError as exc:
-                if explicit and (self.run.origin is None or self.run.origin.kind == "library"):
-                    raise  # a compiled program lacks module types by nature: there, every such method is skipped
                 self.result.skipped.append(Skipped(name, str(exc)))
                 unsupported.append(exc)
             except KeyboardInterrupt:  # keep what is drawn; say what is not
