@@ -6,22 +6,30 @@ The CLI's help lists them before anything heavy loads (``cnnvis.vis`` imports to
 """
 
 METHOD_NAMES: tuple[str, ...] = (
-    "activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam", "saliency",
-    "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
-    # gradient family
-    "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad",
-    "deepdream",
-    # the CAM family beyond Grad-CAM
-    "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad",
+    # what the network computes and learned
+    "activations", "filters",
+    # perturbation
+    "occlusion",
+    # the CAM family: a layer's maps weighted per channel
+    "cam", "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam",
+    "fullgrad", "guided-gradcam",
+    # the gradient family: input gradients, their rules and their noise tunnels
+    "saliency", "guided-backprop", "deconvnet", "input-x-gradient", "smoothgrad", "smoothgrad-sq", "vargrad",
+    "integrated-gradients",
+    # feature visualization: images made for the network
+    "maximize", "deepdream",
 )
 
 #: the ``-m`` value that asks ``cnnvis visualize`` for every method, the slow ones included
 ALL_METHODS = "all"
 
 #: methods ``cnnvis visualize`` draws only when asked for by name or with ``-m all``: name -> why,
-#: with its time for the default 8 images on a 2-core CPU. None at present: on the digit net and on
-#: flowers5's resnet_small every method takes seconds (``benchmarks/RESULTS.md``, section 12)
-SLOW_METHODS: dict[str, str] = {}
+#: measured on a 2-core CPU (2026-12-03). On the shipped configs' nets every method takes seconds
+#: (``benchmarks/RESULTS.md``, section 12); Score-CAM's one forward pass per channel of the layer does
+#: not scale to ImageNet models.
+SLOW_METHODS: dict[str, str] = {
+    "scorecam": "one forward pass per channel: 15 s per 224 px image on ResNet-18, 138 s on ResNet-50",
+}
 
 def default_methods() -> tuple[str, ...]:
     """What ``cnnvis visualize`` draws without ``-m``: every method except :data:`SLOW_METHODS`."""

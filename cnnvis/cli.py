@@ -314,7 +314,7 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="A labelled image folder (one sub-folder per class) to evaluate a library model or model file on.")] = None,
     explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC and the model randomization sanity check.")] = False,
     images: Annotated[int, typer.Option("--images", "-n", help="With --explanations: fixed images of the split the maps are checked on.")] = 32,
-    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all).")] = [],
+    method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all but the slow ones visualize names; all: every one).")] = [],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last feature map before the head, in a transformer the last block's first norm).")] = None,
     steps: Annotated[int, typer.Option(help="With --explanations: deletion/insertion steps (points on each curve minus one).")] = 16,
     subset_images: Annotated[int, typer.Option("--subset-images", help="With --explanations: ROAD and max-sensitivity run on the first N of the images (they cost the most).")] = 8,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cnnvis import plots
+from cnnvis.catalog import ALL_METHODS, SLOW_METHODS
 from cnnvis.data import DataBundle, check_split
 from cnnvis.device import amp_dtype, resolve_device
 from cnnvis.errors import ConfigError, DataError
@@ -397,7 +398,11 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
         if trust["sensitivity_samples"] < 0:
             raise ConfigError(f"sensitivity samples {trust['sensitivity_samples']}: give 0 (off) or more",
                               parameter="sensitivity_samples")
-        for name in methods or []:
+        if not methods:  # as visualize: every heatmap method but the slow ones; "all": every one
+            methods = [m for m in heatmap_methods() if m not in SLOW_METHODS]
+        elif ALL_METHODS in methods:
+            methods = heatmap_methods()
+        for name in methods:
             if name not in heatmap_methods():
                 raise ConfigError(f"method {name}: not a heatmap method; the faithfulness checks apply to: "
                                   f"{', '.join(heatmap_methods())}", parameter="method")

@@ -173,10 +173,12 @@ _SPECS = [
           _no_layer(fullgrad), needs_layer=False, normalize="minmax"),
 ]
 
-#: name -> spec, in display order
-METHODS: Mapping[str, MethodSpec] = MappingProxyType({s.name: s for s in _SPECS})
-if tuple(METHODS) != METHOD_NAMES:  # the CLI lists methods from the catalog without importing this module
-    raise ImportError(f"catalog.py lists {METHOD_NAMES}, the registry has {tuple(METHODS)}")
+_BY_NAME = {s.name: s for s in _SPECS}
+# the CLI lists methods from the catalog without importing this module: the two must name the same methods
+if sorted(_BY_NAME) != sorted(METHOD_NAMES) or len(_SPECS) != len(METHOD_NAMES):
+    raise ImportError(f"catalog.py lists {METHOD_NAMES}, the registry has {tuple(_BY_NAME)}")
+#: name -> spec, in the catalog's display order (families together)
+METHODS: Mapping[str, MethodSpec] = MappingProxyType({name: _BY_NAME[name] for name in METHOD_NAMES})
 
 
 def method_names() -> list[str]:

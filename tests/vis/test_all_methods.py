@@ -37,10 +37,10 @@ def assert_same(a, b, atol: float = 1e-5) -> None:
 
 
 def test_registry_has_the_documented_methods() -> None:
-    assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "guided-gradcam",
-                     "saliency", "guided-backprop", "smoothgrad", "integrated-gradients", "maximize",
-                     "deconvnet", "input-x-gradient", "smoothgrad-sq", "vargrad", "deepdream",
-                     "xgradcam", "layercam", "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad"]
+    assert NAMES == ["activations", "filters", "occlusion", "cam", "gradcam", "gradcam++", "xgradcam", "layercam",
+                     "hirescam", "eigencam", "scorecam", "ablationcam", "fullgrad", "guided-gradcam", "saliency",
+                     "guided-backprop", "deconvnet", "input-x-gradient", "smoothgrad", "smoothgrad-sq", "vargrad",
+                     "integrated-gradients", "maximize", "deepdream"]
 
 
 @pytest.mark.parametrize("name", NAMES)
