@@ -55,13 +55,13 @@ DEFAULT_CROP_FRACTION = 0.875  #: 224 of 256: how torchvision and timm centre-cr
 
 Kind = Literal["library", "export", "torchscript"]
 
-#: methods a compiled program supports (checked on ResNet-18); the others need hooks or module
-#: types (nn.Conv2d, nn.ReLU, nn.Linear) that the program no longer has
-PROGRAM_METHODS: dict[str, tuple[str, ...]] = {
-    "export": ("activations", "occlusion", "gradcam", "gradcam++", "saliency", "smoothgrad", "integrated-gradients",
-               "maximize"),
-    "torchscript": ("occlusion", "saliency", "smoothgrad", "integrated-gradients"),
-}
+#: methods that need what a compiled program no longer has (checked on ResNet-18): module types
+#: (nn.Conv2d filters, a GAP + nn.Linear head, conv/BN biases) or rectifier calls the guided and
+#: deconvnet rules can swap. Every other method works on a .pt2: it hooks the named submodules.
+EXPORT_UNSUPPORTED: tuple[str, ...] = ("filters", "cam", "fullgrad", "guided-gradcam", "guided-backprop", "deconvnet")
+#: a TorchScript program cannot be hooked: only methods that need nothing but inputs and outputs
+TORCHSCRIPT_METHODS: tuple[str, ...] = ("occlusion", "saliency", "input-x-gradient", "smoothgrad", "smoothgrad-sq",
+                                        "vargrad", "integrated-gradients")
 _PROGRAM_LIMITS = {
     "export": "a torch.export program keeps no nn.Conv2d / nn.ReLU / nn.Linear modules",
     "torchscript": "a TorchScript program cannot be hooked (use a .pt2 from torch.export for layer methods)",
@@ -94,8 +94,10 @@ class ModelOrigin:
 
     def unsupported(self, method: str) -> str | None:
         """Why ``method`` cannot run on this model, or None."""
-        if self.kind in PROGRAM_METHODS and method not in PROGRAM_METHODS[self.kind]:
-            return f"{_PROGRAM_LIMITS[self.kind]}; methods that work: {', '.join(PROGRAM_METHODS[self.kind])}"
+        if self.kind == "export" and method in EXPORT_UNSUPPORTED:
+            return f"{_PROGRAM_LIMITS[self.kind]}; the methods that need them: {', '.join(EXPORT_UNSUPPORTED)}"
+        if self.kind == "torchscript" and method not in TORCHSCRIPT_METHODS:
+            return f"{_PROGRAM_LIMITS[self.kind]}; methods that work: {', '.join(TORCHSCRIPT_METHODS)}"
         return None
 
     def to_dict(self, spec: ImageSpec) -> dict[str, Any]:
