@@ -251,6 +251,7 @@ def visualize(
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="Method to run (repeatable; default: all but the slow ones named above; all: every one).")] = [],
     images: Annotated[int, typer.Option("--images", "-n", help="How many fixed images of the run's data to explain.")] = 8,
     image: Annotated[list[str], typer.Option("--image", metavar="PATH", help="Your own images instead: a file, a folder or a quoted glob (repeatable).")] = [],
+    param: Annotated[list[str], typer.Option("--param", "-p", metavar="KEY=VALUE", help="A method parameter, for every method drawn that takes it (repeatable), e.g. aug_smooth=true (CAM methods), over=guided-backprop (smoothgrad, smoothgrad-sq, vargrad), samples=50; each method's parameters are in its sidecar.")] = [],
     no_crop: Annotated[bool, typer.Option("--no-crop", help="Resize each whole picture to the model's size instead of cropping its centre.")] = False,
     split: Annotated[Split, typer.Option(help="Which split the fixed images come from.")] = Split.test,
     target: Annotated[str, typer.Option(metavar="pred|true|CLASS", help="Explain the predicted class, the true label, or a class index or name.")] = "pred",
@@ -268,14 +269,16 @@ def visualize(
     debug: Debug = False,
 ) -> None:
     from cnnvis.commands.visualize import visualize_command
+    from cnnvis.config import parse_override
     from cnnvis.views import MethodProgress, visualize_table
 
     options = _model_options(source, weights=weights, classes=classes, size=size, mean=mean, std=std, runs_dir=runs_dir)
+    params = dict(parse_override(text, "--param", "aug_smooth=true", "key=value") for text in param)
     with MethodProgress(console) as bars:
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
             out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
-            crop=not no_crop, model_options=options, on_progress=bars.update,
+            crop=not no_crop, params=params, model_options=options, on_progress=bars.update,
         )
     run = result.run
     print_notes(result.notes)

@@ -270,14 +270,16 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[: depth + 1])} is a value, not a section")
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"optimizer.lr=0.05"`` -> ``("optimizer.lr", 0.05)``; values are read as YAML scalars."""
+def parse_override(text: str, flag: str = "--set", example: str = "train.epochs=3",
+                   form: str = "key.path=value") -> tuple[str, Any]:
+    """``"optimizer.lr=0.05"`` -> ``("optimizer.lr", 0.05)``; values are read as YAML scalars.
+    ``flag`` and ``example`` name the option in messages (``--param aug_smooth=true`` too)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. --set train.epochs=3")
+        raise ConfigError(f"{flag} {text!r}: expected {form}, e.g. {flag} {example}")
     key, _, value = text.partition("=")
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set {text!r}: the key before '=' is empty")
+        raise ConfigError(f"{flag} {text!r}: the key before '=' is empty")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:

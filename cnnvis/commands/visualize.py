@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,13 @@ from cnnvis.vis.filters import first_conv
 from cnnvis.vis.hooks import default_layer, get_layer, model_state
 from cnnvis.vis.maps import FLAT_SPREAD, flat_maps
 from cnnvis.vis.occlusion import OcclusionMaps
-from cnnvis.vis.registry import METHODS, MethodSpec, get_method, run_method
+from cnnvis.vis.registry import (
+    METHODS,
+    MethodSpec,
+    get_method,
+    run_method,
+    split_params,
+)
 
 DEFAULT_IMAGES = 8
 SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start, deepdream jitter), kept in every sidecar
@@ -152,8 +158,11 @@ class Visualizer:
         writer: Any = None,
         on_written: Callable[[Written], None] | None = None,
         on_progress: Callable[[str, float], None] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         self.run, self.batch, self.out_dir, self.writer = run, batch, Path(out_dir), writer
+        self.params = dict(params or {})  #: method parameters, each handed to the methods that take it
+        self._method_params: dict[str, dict[str, Any]] = {}
         self.on_written = on_written or (lambda written: None)
         self.on_progress = on_progress or (lambda method, fraction: None)
         self._part = (0, 1)  # (index, count) of the layer a multi-layer method is drawing
@@ -189,6 +198,7 @@ class Visualizer:
         names, explicit = select_methods(methods)
         for name in names:
             get_method(name)  # an unknown name fails before any work, listing the valid ones
+        self._method_params = split_params(names, self.params)  # a parameter no method takes fails here too
         for layer in layers:
             get_layer(self.run.model, layer)
         draw = {"heatmap": self._heatmaps, "activations": self._activations, "filters": self._filters,
@@ -285,7 +295,7 @@ class Visualizer:
 
     def _heatmaps(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         chosen = (list(layers) or [default_layer(self.run.model, self.images)]) if spec.needs_layer else [None]
-        params = {"seed": SEED} if "seed" in spec.defaults else {}
+        params = {**({"seed": SEED} if "seed" in spec.defaults else {}), **self.method_params(spec.name)}
         captions, colors = self._captions()
         mode = spec.normalize  # the one normalisation: the picture is drawn with it and the sidecar names it
         for part, layer in enumerate(chosen):
@@ -358,6 +368,10 @@ class Visualizer:
         inside = [n for n in convs if n == layer or n.startswith(layer + ".")]
         return inside[-1:] or convs[-1:]
 
+    def method_params(self, name: str) -> dict[str, Any]:
+        """The ``params`` method ``name`` takes (``--param KEY=VALUE`` on the command line)."""
+        return self._method_params.get(name, {})
+
     def _images(self, spec: MethodSpec, layers: Sequence[str]) -> None:
         DRAW_IMAGES[spec.name](self, spec, layers)
 
@@ -376,6 +390,7 @@ def visualize_command(
     tensorboard: bool = False,
     allow_untrained: bool = False,
     crop: bool = True,
+    params: Mapping[str, Any] | None = None,
     model_options: dict[str, Any] | None = None,
     on_written: Callable[[Written], None] | None = None,
     on_progress: Callable[[str, float], None] | None = None,
@@ -383,7 +398,8 @@ def visualize_command(
     """What ``cnnvis visualize`` does: explain ``files`` (files, folders, globs; or ``images`` fixed
     images of ``split``) with every method in ``methods`` (default: all but the slow ones; ``["all"]``:
     every one), writing PNGs + sidecars to ``out_dir`` (default ``RUN/visualizations``) and, with
-    ``tensorboard``, to the run's TensorBoard events.
+    ``tensorboard``, to the run's TensorBoard events. ``params`` go to every method that takes them
+    (``{"aug_smooth": True}``: every CAM method; ``{"over": "guided-backprop"}``: the noise tunnels).
 
     ``source`` is a loaded run, or any MODEL :func:`cnnvis.sources.load_source` takes (a run,
     ``torchvision:NAME``, ``timm:NAME``, a ``.pt2`` or TorchScript file), loaded onto ``device``
@@ -404,7 +420,7 @@ def visualize_command(
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
         visualizer = Visualizer(run, batch, out, parse_target(target, run.class_aliases), writer, on_written,
-                                on_progress)
+                                on_progress, params)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:
         if writer is not None:

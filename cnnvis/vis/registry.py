@@ -8,7 +8,7 @@ they cannot drift from the code.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -191,6 +191,20 @@ def get_method(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise UnknownMethodError(f"unknown visualisation method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def split_params(names: Sequence[str], params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``params`` handed to each of ``names`` that takes them (``aug_smooth`` to every CAM method,
+    ``over`` to the noise tunnels, ``samples`` to every sampling method); a parameter none of them takes
+    is an error naming the methods that would."""
+    per_method = {name: {k: v for k, v in params.items() if k in get_method(name).defaults} for name in names}
+    for key in params:
+        if not any(key in taken for taken in per_method.values()):
+            takers = [n for n, spec in METHODS.items() if key in spec.defaults]
+            where = f"it is a parameter of {', '.join(takers)}" if takers else "no method takes it"
+            raise VisError(f"parameter {key!r} applies to none of the methods drawn ({', '.join(names)}); {where}",
+                           parameter="param")
+    return per_method
 
 
 def run_method(

@@ -348,3 +348,17 @@ def test_ctrl_c_keeps_the_finished_methods_and_names_the_rest(run, monkeypatch):
     assert result.interrupted == "gradcam" and result.not_run == ["filters"]
     out = invoke(run, "-m", "saliency", "-m", "gradcam", "-m", "filters", "-n", "2", "--no-tensorboard", code=130)
     assert "interrupted during gradcam" in out and "not drawn: gradcam, filters" in out and "saliency.png" in out
+
+
+def test_param_reaches_every_method_that_takes_it_and_nothing_else(run, tmp_path):
+    out = tmp_path / "params"
+    invoke(run, "--images", "2", "--no-tensorboard", "--out", out, "-m", "gradcam", "-m", "layercam", "-m", "vargrad",
+           "-m", "saliency", "-p", "aug_smooth=true", "-p", "over=guided-backprop", "-p", "samples=3")
+    for method in ("gradcam", "layercam"):  # every CAM method takes aug_smooth; the YAML value is a bool
+        assert sidecar(next((out / method).glob("*.png")))["parameters"]["aug_smooth"] is True
+    tunnel = sidecar(out / "vargrad" / "vargrad.png")["parameters"]
+    assert tunnel["over"] == "guided-backprop" and tunnel["samples"] == 3
+    assert "aug_smooth" not in sidecar(out / "saliency" / "saliency.png")["parameters"]
+    text = invoke(run, "--images", "2", "--no-tensorboard", "--out", out, "-m", "saliency", "-p", "aug_smooth=1", code=2)
+    assert "parameter 'aug_smooth' applies to none of the methods drawn (saliency); it is a parameter of cam" in text
+    assert "expected key=value, e.g. --param aug_smooth=true" in invoke(run, "-m", "saliency", "-p", "samples", code=2)
