@@ -113,6 +113,11 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Sequence[A
     return path
 
 
+def csv_number(value: float) -> str:
+    """A table cell: 6 significant digits, empty for a value that could not be measured (NaN, inf)."""
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
 def read_json(path: str | Path) -> Any | None:
     """The parsed file, or ``None`` when it does not exist. Raises ``ValueError``/``OSError`` otherwise."""
     try:

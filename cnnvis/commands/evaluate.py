@@ -27,16 +27,20 @@ from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.catalog import ALL_METHODS, SLOW_METHODS
+from cnnvis.commands.trust import (
+    FaithfulnessFiles,
+    check_explanations,
+    write_faithfulness,
+)
 from cnnvis.data import DataBundle, check_split
 from cnnvis.device import amp_dtype, resolve_device
 from cnnvis.errors import ConfigError, DataError
-from cnnvis.io import to_jsonable, write_csv, write_json
+from cnnvis.io import csv_number, to_jsonable, write_csv, write_json
 from cnnvis.metrics.classification import ClassMetrics, class_metrics, confusion_matrix
 from cnnvis.metrics.faithfulness import (
     DEFAULT_SENSITIVITY_SAMPLES,
     DEFAULT_SUBSET,
     FaithfulnessReport,
-    faithfulness,
     heatmap_methods,
 )
 from cnnvis.projector import DEFAULT_IMAGES as DEFAULT_EMBEDDING_IMAGES
@@ -223,7 +227,7 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
         if writer is not None:
             writer.add_image("evaluate/confidently_wrong", plots.figure_to_tensor(png), run.epoch, dataformats="CHW")
 
-    rows = [[c.name, c.support, c.predicted, *(_csv_number(v) for v in (c.precision, c.recall, c.f1, c.accuracy))]
+    rows = [[c.name, c.support, c.predicted, *(csv_number(v) for v in (c.precision, c.recall, c.f1, c.accuracy))]
             for c in ev.per_class]
     try:
         per_class = write_csv(out / EvaluationFiles.PER_CLASS,
@@ -237,77 +241,6 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
         writer.add_scalar(f"evaluate/accuracy_{ev.split}", ev.accuracy, run.epoch)
         writer.add_scalar(f"evaluate/loss_{ev.split}", ev.loss, run.epoch)
     return EvaluationPaths(metrics, per_class, confusion_png, wrong_png)
-
-
-def _csv_number(value: float) -> str:
-    return f"{value:.6g}" if math.isfinite(value) else ""
-
-
-# ----------------------------------------------------------------------------------- which map to trust
-
-
-@dataclass
-class FaithfulnessFiles:
-    json: Path
-    csv: Path
-    curves: Path
-
-
-FAITHFULNESS_CSV_COLUMNS = ("rank", "method", "layer", "deletion_auc", "insertion_auc", "random_deletion_auc",
-                            "random_insertion_auc", "randomization_spearman", "randomization_ssim",
-                            "randomization_check", "beats_random", "road_morf", "road_lerf", "road", "max_sensitivity")
-
-
-def check_explanations(run: LoadedRun, bundle: DataBundle, split: str = "test", count: int = 32, **options: Any) -> FaithfulnessReport:
-    """:func:`cnnvis.metrics.faithfulness` on ``count`` fixed images of the split (the same ones
-    ``cnnvis visualize`` draws), explaining the predicted class; returns its report with the
-    images, classes and checkpoint recorded in ``report.info``."""
-    fixed = bundle.fixed_batch(split, count)
-    report = faithfulness(run.model, fixed.images.to(run.device), "pred", **options)
-    names = list(run.spec.class_names)
-    report.info = {
-        "images_used": fixed.sources,
-        "true": [names[i] for i in fixed.labels.tolist()],
-        "explained": [names[i] for i in report.targets],
-        "class_names": names,
-        "checkpoint": run.weights,
-        "epoch": run.epoch,
-        "untrained": run.untrained,
-        "architecture": run.architecture,
-        "device": str(run.device),
-    }
-    return report
-
-
-def write_faithfulness(report: FaithfulnessReport, out_dir: str | Path, writer: Any = None, step: int = 0,
-                       title: str = "") -> FaithfulnessFiles:
-    """``faithfulness.json`` (everything, curves and cascade steps included), ``faithfulness.csv``
-    (the ranked table) and ``faithfulness_curves.png`` in ``out_dir``; with ``writer`` (a
-    ``SummaryWriter``) the table as text and the curves as an image under ``evaluate/``."""
-    out = Path(out_dir)
-    png = plots.faithfulness_curves_figure(report, title)
-    curves_path = plots.save_png(png, out / EvaluationFiles.FAITHFULNESS_CURVES)
-    rows = [[r.rank, r.method, r.layer or "", f"{r.deletion_auc:.6g}", f"{r.insertion_auc:.6g}",
-             f"{report.random_deletion_auc:.6g}", f"{report.random_insertion_auc:.6g}",
-             f"{r.randomization.spearman:.6g}", f"{r.randomization.ssim:.6g}",
-             "pass" if r.passed else "fail", "yes" if r.beats_random else "no",
-             *(_csv_number(v) for v in (r.road_morf, r.road_lerf, r.road, r.sensitivity))] for r in report.rows]
-    try:
-        json_path = write_json(out / EvaluationFiles.FAITHFULNESS, report.to_dict())
-        csv_path = write_csv(out / EvaluationFiles.FAITHFULNESS_TABLE, FAITHFULNESS_CSV_COLUMNS, rows)
-    except OSError as exc:
-        raise DataError(f"cannot write the faithfulness table into {out}: {exc.strerror or exc}") from None
-    if writer is not None:
-        lines = ["| rank | method | deletion AUC ↓ | insertion AUC ↑ | ROAD ↑ | max-sensitivity ↓ | randomization \\|ρ\\| ↓ | SSIM | check |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in report.rows:
-            lines.append(f"| {r.rank} | {r.method} | {r.deletion_auc:.3f} | {r.insertion_auc:.3f} | {r.road:.3f} | "
-                         f"{r.sensitivity:.3f} | {r.randomization.spearman:.2f} | {r.randomization.ssim:.2f} | "
-                         f"{'pass' if r.passed else 'FAIL'} |")
-        lines.append(f"| | random order | {report.random_deletion_auc:.3f} | {report.random_insertion_auc:.3f} | | | | | |")
-        writer.add_text("evaluate/faithfulness", "\n".join(lines), step)
-        writer.add_image("evaluate/faithfulness_curves", plots.figure_to_tensor(png), step, dataformats="CHW")
-    return FaithfulnessFiles(json_path, csv_path, curves_path)
 
 
 # ----------------------------------------------------------------------------------- the command
@@ -362,7 +295,7 @@ def evaluate_command(
     ``embedding_images`` images of the split to TensorBoard's projector (:mod:`cnnvis.projector`),
     into ``writer`` or the run's own events.
     """
-    from cnnvis.training.tensorboard import LazyWriter
+    from cnnvis.training.summaries import LazyWriter
 
     if embeddings and embedding_images < 1:
         raise ConfigError(f"embedding images {embedding_images}: give at least 1", parameter="embedding_images")

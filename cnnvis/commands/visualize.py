@@ -18,15 +18,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from cnnvis import plots
 from cnnvis.catalog import ALL_METHODS, default_methods
 from cnnvis.classnames import parse_target
+from cnnvis.commands.inputs import (
+    DEFAULT_IMAGES,
+    ImageBatch,
+    dataset_images,
+    file_images,
+)
 from cnnvis.commands.visualize_images import DRAW as DRAW_IMAGES
-from cnnvis.data.images import find_images, load_rgb
 from cnnvis.device import resolve_device
-from cnnvis.errors import ConfigError, DataError, UnsupportedModelError
+from cnnvis.errors import ConfigError, UnsupportedModelError
 from cnnvis.run import VISUALIZATIONS_DIR, LoadedRun
 from cnnvis.sources import load_source, write_source_file
 from cnnvis.vis import progress
@@ -43,19 +47,7 @@ from cnnvis.vis.registry import (
     split_params,
 )
 
-DEFAULT_IMAGES = 8
 SEED = 0  #: seeds of the stochastic methods (smoothgrad noise, maximize start, deepdream jitter), kept in every sidecar
-
-
-@dataclass
-class ImageBatch:
-    """Normalised images as the model sees them, with where they came from."""
-
-    images: Tensor  #: [N, C, H, W], normalised like evaluation
-    labels: Tensor | None  #: [N] true classes, None for the user's own files
-    sources: list[str]  #: "test #123" or a file path, one per image
-    skipped: list[tuple[str, str]] = field(default_factory=list)  #: unreadable files: (path, why)
-    notes: list[str] = field(default_factory=list)  #: how many images each folder or glob gave
 
 
 @dataclass
@@ -86,40 +78,6 @@ class Result:
     not_run: list[str] = field(default_factory=list)  #: methods never started because of the interrupt
     notes: list[str] = field(default_factory=list)  #: lines to state once (preprocessing, image counts ...)
     skipped_images: list[tuple[str, str]] = field(default_factory=list)  #: unreadable image files: (path, why)
-
-
-# ----------------------------------------------------------------------------------- inputs
-
-
-def dataset_images(run: LoadedRun, split: str = "test", count: int = DEFAULT_IMAGES) -> ImageBatch:
-    """``count`` fixed images of the run's own data split (the same ones every call)."""
-    bundle = run.data("cpu", hint="Visualize with the data the run was trained on, or explain image files of your own.")
-    fixed = bundle.fixed_batch(split, count)
-    return ImageBatch(fixed.images, fixed.labels, fixed.sources)
-
-
-def file_images(run: LoadedRun, paths: Sequence[str | Path], crop: bool = True) -> ImageBatch:
-    """The user's images (files, folders, globs: :func:`~cnnvis.data.images.find_images`),
-    preprocessed as the model's own evaluation images (:attr:`LoadedRun.preprocessing`): the short
-    side resized and the centre cropped, so the aspect is kept; ``crop=False`` resizes the whole
-    picture to the model's size instead. Unreadable files are skipped and listed."""
-    found, notes = find_images(paths)
-    prepare = run.preprocessing.transform(crop=crop)
-    tensors, sources, skipped = [], [], []
-    for path in found:
-        try:
-            image = load_rgb(path)
-        except DataError as exc:
-            if len(found) == 1:
-                raise  # the one image named: its own error, not a skip
-            skipped.append((str(path), exc.message.removeprefix(f"{path}: ")))
-            continue
-        tensors.append(prepare(image.convert("L") if run.spec.in_channels == 1 else image))
-        sources.append(str(path))
-    if not tensors:
-        raise DataError(f"none of the {len(found)} image file(s) could be read: "
-                        + "; ".join(f"{p} ({why})" for p, why in skipped[:5]))
-    return ImageBatch(torch.stack(tensors), None, sources, skipped, notes)
 
 
 def select_methods(methods: Sequence[str] | None) -> tuple[list[str], bool]:
@@ -407,7 +365,7 @@ def visualize_command(
     A model that is not a run explains only ``files`` and writes into its run-like directory.
     Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`).
     """
-    from cnnvis.training.tensorboard import LazyWriter
+    from cnnvis.training.summaries import LazyWriter
 
     run = source if isinstance(source, LoadedRun) else load_source(
         source, device=resolve_device(device), allow_untrained=allow_untrained, **(model_options or {}))

@@ -29,13 +29,10 @@ here changes the model's train/eval mode, BatchNorm statistics or ``.grad`` fiel
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,12 +44,21 @@ from torchvision.utils import make_grid
 
 from cnnvis import plots
 from cnnvis.config import Config, config_to_dict, flatten
-from cnnvis.device import amp_dtype, eval_mode
+from cnnvis.device import amp_dtype
 from cnnvis.errors import UnsupportedModelError
 from cnnvis.metrics.classification import confusion_matrix
 from cnnvis.run import EVENT_FILE_GLOB, checkpoint_path, load_run
 from cnnvis.training.events import Listener, TrainState
 from cnnvis.training.loop import find_misclassified, predict_split
+from cnnvis.training.summaries import (
+    TensorBoardWarning,
+    class_tags,
+    enlarge,
+    histogram_rows,
+    hparam_value,
+    log_graph,
+    one_line,
+)
 from cnnvis.vis.filters import first_conv
 from cnnvis.vis.maps import normalize_maps
 from cnnvis.vis.registry import METHODS, run_method
@@ -60,12 +66,7 @@ from cnnvis.vis.registry import METHODS, run_method
 INPUT_IMAGES = 32  # training inputs shown at the start
 HISTOGRAM_BINS = 64
 PR_THRESHOLDS = 127
-MIN_SHOWN_SIDE = 56  # small images (MNIST's 28 px) are enlarged, pixel-exact, to at least this
 HPARAM_METRICS = ("accuracy/test", "loss/test", "accuracy/val", "loss/val", "accuracy/val_best")
-
-
-class TensorBoardWarning(UserWarning):
-    """A logging extra that failed or found something odd; training goes on."""
 
 
 class TensorBoardListener(Listener):
@@ -183,7 +184,7 @@ class TensorBoardListener(Listener):
             fn(*args)
         except Exception as exc:  # a picture is never worth a crashed training run
             self._failed.add(part)
-            warnings.warn(f"TensorBoard: {part} not logged ({_one_line(exc)}); skipped for the rest of this run",
+            warnings.warn(f"TensorBoard: {part} not logged ({one_line(exc)}); skipped for the rest of this run",
                           TensorBoardWarning, stacklevel=2)
 
     def _write_layout(self) -> None:
@@ -196,7 +197,7 @@ class TensorBoardListener(Listener):
         })
 
     def _write_hparams_start(self) -> None:
-        hparams = {k: _hparam_value(v) for k, v in flatten(self.config).items() if not k.startswith("log.")}
+        hparams = {k: hparam_value(v) for k, v in flatten(self.config).items() if not k.startswith("log.")}
         experiment, session_start, _ = hparams_summaries(hparams, {tag: 0.0 for tag in HPARAM_METRICS})
         # Into this run's own event file (SummaryWriter.add_hparams would make a timestamped sub-run).
         self.writer.file_writer.add_summary(experiment)
@@ -211,7 +212,7 @@ class TensorBoardListener(Listener):
     def _write_inputs(self, state: TrainState, images: Tensor) -> None:
         spec = state.data.spec
         shown = plots.denormalize(images[:INPUT_IMAGES].detach().float().cpu(), spec.mean, spec.std)
-        grid = make_grid(_enlarge(shown), nrow=8, padding=2, pad_value=1.0)
+        grid = make_grid(enlarge(shown), nrow=8, padding=2, pad_value=1.0)
         self.writer.add_image("inputs/train", grid, state.global_step, dataformats="CHW")
 
     def _write_histograms(self, state: TrainState) -> None:
@@ -223,7 +224,7 @@ class TensorBoardListener(Listener):
         for kind, pairs in (("weights", weights), ("gradients", grads)):
             if not pairs:
                 continue
-            rows = _histogram_rows([t for _, t in pairs], HISTOGRAM_BINS)
+            rows = histogram_rows([t for _, t in pairs], HISTOGRAM_BINS)
             bad = []
             for (name, _), row in zip(pairs, rows):
                 lo, hi, count, total, squares, nonfinite = row[:6].tolist()
@@ -283,7 +284,7 @@ class TensorBoardListener(Listener):
         shown = plots.denormalize(images.float().cpu(), state.data.spec.mean, state.data.spec.std)
         over = plots.overlay(shown, maps01)
         rows = torch.cat([plots.to_rgb(shown), over])  # inputs above, where the network looks below
-        grid = make_grid(_enlarge(rows), nrow=images.shape[0], padding=2, pad_value=1.0)
+        grid = make_grid(enlarge(rows), nrow=images.shape[0], padding=2, pad_value=1.0)
         self.writer.add_image("explain/gradcam", grid, state.global_step, dataformats="CHW")
 
     def _write_embedding(self, state: TrainState, step: int) -> None:
@@ -311,51 +312,8 @@ class TensorBoardListener(Listener):
         if self.log.pr_curves:
             probs = logits.softmax(1).numpy()
             truth = targets.numpy()
-            for c, tag in enumerate(_class_tags(names)):
+            for c, tag in enumerate(class_tags(names)):
                 self.writer.add_pr_curve(f"pr_curve/{tag}", truth == c, probs[:, c], step, num_thresholds=PR_THRESHOLDS)
-
-
-# ---------------------------------------------------------------------- graph
-
-
-class _TensorOutputs(nn.Module):
-    """Lets the tracer read a model whose forward returns a dict, list or tuple of tensors."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(_tensors(self.model(x)))
-
-
-def _tensors(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for item in out for t in _tensors(item)]
-    return []
-
-
-def log_graph(writer: SummaryWriter, model: nn.Module, example: Tensor) -> bool:
-    """``add_graph`` made best-effort: eval mode, no autograd, non-strict trace, quiet.
-
-    Returns whether the graph was written; a failure is one :class:`TensorBoardWarning`.
-    """
-    try:
-        with eval_mode(model), torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and tracer warnings
-            out = model(example)
-            traced = model if isinstance(out, Tensor) else _TensorOutputs(model)
-            if not _tensors(out):
-                raise TypeError(f"the model returned a {type(out).__name__}, not tensors")
-            writer.add_graph(traced, example, use_strict_trace=False)
-        return True
-    except Exception as exc:
-        warnings.warn(f"TensorBoard: model graph not logged ({_one_line(exc)})", TensorBoardWarning, stacklevel=2)
-        return False
 
 
 def _example_input(state: TrainState) -> Tensor:
@@ -364,83 +322,8 @@ def _example_input(state: TrainState) -> Tensor:
     return torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size, device=state.device)
 
 
-def _histogram_rows(tensors: Sequence[Tensor], bins: int) -> Tensor:
-    """Per tensor ``[min, max, count, sum, sum of squares, non-finite count, bins x counts]`` over its
-    finite values, computed on the tensors' device without a host sync and returned in one copy."""
-    rows = []
-    for t in tensors:
-        x = t.detach().reshape(-1).float()
-        finite = torch.isfinite(x)
-        inf = torch.tensor(float("inf"), device=x.device)
-        lo = torch.where(finite, x, inf).amin()
-        hi = torch.where(finite, x, -inf).amax()
-        lo0 = torch.where(torch.isfinite(lo), lo, 0.0)
-        hi0 = torch.where(torch.isfinite(hi), hi, 0.0)
-        xz = torch.where(finite, x, lo0)
-        width = (hi0 - lo0) / bins
-        scale = torch.where(width > 0, 1.0 / width, 0.0)
-        index = ((xz - lo0) * scale).floor().clamp_(0, bins - 1).long()
-        counts = torch.zeros(bins, dtype=torch.float64, device=x.device).index_add_(0, index, finite.double())
-        xd = torch.where(finite, x, 0.0).double()
-        stats = torch.stack([lo0.double(), hi0.double(), finite.sum().double(), xd.sum(), (xd * xd).sum(), (~finite).sum().double()])
-        rows.append(torch.cat([stats, counts]))
-    return torch.stack(rows).cpu()
-
-
 def _best_model(state: TrainState) -> nn.Module:
     """The weights the test accuracy was measured with (``best.pt``), else the current model."""
     if not checkpoint_path(state.run_dir, "best").is_file():
         return state.evaluated_model
     return load_run(state.run_dir, state.device, prefer="best").model
-
-
-# ---------------------------------------------------------------------- pictures
-
-
-def _enlarge(images: Tensor) -> Tensor:
-    """Pixel-exact (nearest) enlargement of small images so a digit is visible in the dashboard."""
-    side = max(images.shape[-2:])
-    factor = math.ceil(MIN_SHOWN_SIDE / side) if side < MIN_SHOWN_SIDE else 1
-    return images.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if factor > 1 else images
-
-
-# ---------------------------------------------------------------------- small helpers
-
-
-def _hparam_value(value: Any) -> bool | int | float | str:
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return "none" if value is None else str(value)
-
-
-def _class_tags(names: Sequence[str]) -> list[str]:
-    """Tag-safe class names, unique (a clash gets its class index appended)."""
-    tags = [re.sub(r"[^A-Za-z0-9_.-]+", "_", str(n)).strip("_") or f"class_{i}" for i, n in enumerate(names)]
-    seen: dict[str, int] = {}
-    for t in tags:
-        seen[t] = seen.get(t, 0) + 1
-    return [t if seen[t] == 1 else f"{t}_{i}" for i, t in enumerate(tags)]
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-class LazyWriter:
-    """A ``SummaryWriter`` on ``log_dir`` that creates its events file at the first call, so a command
-    that fails before it logs anything leaves no empty events file in the run."""
-
-    def __init__(self, log_dir: str | Path) -> None:
-        self.log_dir = str(log_dir)
-        self._writer: SummaryWriter | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._writer is None:
-            self._writer = SummaryWriter(self.log_dir)
-        return getattr(self._writer, name)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None

@@ -20,11 +20,8 @@ from cnnvis.config import build_config
 from cnnvis.data import DataBundle
 from cnnvis.errors import CnnvisError
 from cnnvis.plots import filter_tiles
-from cnnvis.training.tensorboard import (
-    TensorBoardListener,
-    TensorBoardWarning,
-    log_graph,
-)
+from cnnvis.training.summaries import TensorBoardWarning, log_graph
+from cnnvis.training.tensorboard import TensorBoardListener
 from cnnvis.training.trainer import Listener, Trainer
 
 ALL_OFF = [
