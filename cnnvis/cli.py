@@ -194,15 +194,9 @@ def visualize(
         result = visualize_command(
             source, methods=method, layers=layer, images=images, files=image, split=split.value, target=target,
             out_dir=out, device=device, tensorboard=not no_tensorboard, allow_untrained=allow_untrained,
-            crop=not no_crop, params=params, model_options=options, on_progress=bars.update,
+            crop=not no_crop, params=params, model_options=options, on_progress=bars.update, on_ready=_print_ready,
         )
     run = result.run
-    print_notes(result.notes)
-    if result.skipped_images:
-        shown = "; ".join(f"{p} ({why})" for p, why in result.skipped_images[:20])
-        more = f" and {len(result.skipped_images) - 20} more" if len(result.skipped_images) > 20 else ""
-        err_console.print(f"[yellow]warning:[/] skipped {len(result.skipped_images)} unreadable image(s): {escape(shown)}{more}",
-                          soft_wrap=True)
     title = f"{len(result.written)} picture{'s' if len(result.written) != 1 else ''} of\n{run.label}"
     console.print(visualize_table(result, title))
     for skipped in result.skipped:
@@ -214,6 +208,16 @@ def visualize(
         err_console.print(f"[yellow]interrupted[/] during {result.interrupted}: the pictures above are kept; "
                           f"not drawn: {unfinished}", soft_wrap=True)
         raise typer.Exit(130)
+
+
+def _print_ready(ready: Any) -> None:
+    """Before the methods run: what loading decided and which image files were dropped."""
+    print_notes(ready.notes)
+    if ready.skipped_images:
+        shown = "; ".join(f"{p} ({why})" for p, why in ready.skipped_images[:20])
+        more = f" and {len(ready.skipped_images) - 20} more" if len(ready.skipped_images) > 20 else ""
+        err_console.print(f"[yellow]warning:[/] skipped {len(ready.skipped_images)} unreadable image(s): {escape(shown)}{more}",
+                          soft_wrap=True)
 
 
 def _model_options(source: str, **options: Any) -> dict[str, Any]:
@@ -231,7 +235,7 @@ def _model_options(source: str, **options: Any) -> dict[str, Any]:
 def evaluate(
     source: ModelArg,
     data: Annotated[Optional[Path], typer.Option(metavar="FOLDER", help="A labelled image folder (one sub-folder per class) to evaluate a library model or model file on.")] = None,
-    explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC and the model randomization sanity check.")] = False,
+    explanations: Annotated[bool, typer.Option("--explanations", help="Also rank the heatmap methods: deletion/insertion AUC, ROAD, max-sensitivity and the model randomization sanity check.")] = False,
     images: Annotated[int, typer.Option("--images", "-n", help="With --explanations: fixed images of the split the maps are checked on.")] = 32,
     method: Annotated[list[str], typer.Option("--method", "-m", metavar="NAME", help="With --explanations: heatmap method to check (repeatable; default: all but the slow ones visualize names; all: every one).")] = [],
     layer: Annotated[Optional[str], typer.Option("--layer", "-l", metavar="NAME", help="With --explanations: layer of the layer-based methods (default: the last feature map before the head, in a transformer the last block's first norm).")] = None,
@@ -257,8 +261,7 @@ def evaluate(
 ) -> None:
     """Accuracy, per-class table, confusion matrix and confidently wrong images; --explanations: which maps to trust.
 
-    Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations);
-    for a library model or model file, to runs/<library>-<name>-<weights>/evaluation/.
+    Files go to RUN/evaluation/ (metrics.json, per_class.csv, PNGs; faithfulness.json/.csv with --explanations); for a library model or model file, to runs/<library>-<name>-<weights>/evaluation/.
     """
     from cnnvis.commands.evaluate import evaluate_command
     from cnnvis.views import evaluation_table, faithfulness_table, worst_mistakes_line

@@ -176,7 +176,9 @@ def visualize_table(result: Result, title: str) -> Table:
     # light borders: the longest method and file names (integrated-gradients.png) fit 80 columns whole
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
     for column in ("method", "layer", "file", "shows", "seconds"):
-        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column != "file")
+        # a transformer's layer names run long: folded whole rather than cut, as they are copied into --layer
+        table.add_column(column, justify="right" if column == "seconds" else "left", no_wrap=column not in ("layer", "file"),
+                         overflow="fold" if column in ("layer", "file") else "ellipsis")
     for w in result.written:
         table.add_row(w.method, w.layer or "-", w.path.name, w.detail, f"{w.seconds:.1f}")
     return table
@@ -203,16 +205,18 @@ def worst_mistakes_line(ev: Evaluation) -> str:
 
 def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
     layers = sorted({r.layer for r in report.rows if r.layer})
+    # light borders and short two-line headers: ten columns fit 80 terminal columns with every digit shown
     table = Table(title=f"which map can I trust?\n{report.images} {split} images, predicted class, {report.steps} steps"
-                        + (f", layer {', '.join(layers)}" if layers else ""))
-    for column in ("#", "method", "del.\nAUC ↓", "ins.\nAUC ↑", "ROAD\n↑", "max\nsens. ↓", "rand.\n|ρ| ↓", "SSIM", "sanity",
+                        + (f", layer {', '.join(layers)}" if layers else ""),
+                  box=box.SIMPLE_HEAD, padding=0, show_edge=False)
+    for column in ("#", "method", "del.\nAUC↓", "ins.\nAUC↑", "ROAD\n↑", "max\nsens.↓", "rand.\n|ρ|↓", "SSIM", "sanity",
                    "beats\nrandom"):
         table.add_column(column, justify="left" if column in ("method", "sanity", "beats\nrandom") else "right",
-                         no_wrap=column == "method")
+                         no_wrap=True)
     for r in report.rows:
         table.add_row(str(r.rank), r.method, f"{r.deletion_auc:.3f}", f"{r.insertion_auc:.3f}",
                       _maybe(r.road, 3), _maybe(r.sensitivity, 2), f"{r.randomization.spearman:.2f}", f"{r.randomization.ssim:.2f}",
-                      "[green]pass[/]" if r.passed else "[red]fail[/]", "yes" if r.beats_random else "no")
+                      "[green]pass[/]" if r.passed else "[red]FAIL[/]", "yes" if r.beats_random else "no")
     table.add_row("", "[dim]random order[/]", f"[dim]{report.random_deletion_auc:.3f}[/]",
                   f"[dim]{report.random_insertion_auc:.3f}[/]", "", "", "", "", "", "")
     table.caption = (f"deletion / insertion AUC: lower / higher is better. rand. |ρ|: mean |Spearman| between the maps of the "

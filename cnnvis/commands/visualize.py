@@ -352,6 +352,7 @@ def visualize_command(
     model_options: dict[str, Any] | None = None,
     on_written: Callable[[Written], None] | None = None,
     on_progress: Callable[[str, float], None] | None = None,
+    on_ready: Callable[[Result], None] | None = None,
 ) -> Result:
     """What ``cnnvis visualize`` does: explain ``files`` (files, folders, globs; or ``images`` fixed
     images of ``split``) with every method in ``methods`` (default: all but the slow ones; ``["all"]``:
@@ -363,7 +364,9 @@ def visualize_command(
     ``torchvision:NAME``, ``timm:NAME``, a ``.pt2`` or TorchScript file), loaded onto ``device``
     with ``model_options`` (``weights``, ``classes``, ``size``, ``mean``, ``std``, ``runs_dir``).
     A model that is not a run explains only ``files`` and writes into its run-like directory.
-    Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`).
+    Ctrl-C while the methods run returns what was drawn (see :class:`Visualizer`). ``on_ready`` gets
+    the result before the first method runs, its ``run``, ``notes`` and ``skipped_images`` filled in,
+    so that random weights, assumed preprocessing or dropped files are known before the long part.
     """
     from cnnvis.training.summaries import LazyWriter
 
@@ -375,16 +378,18 @@ def visualize_command(
     batch = file_images(run, files, crop) if files else dataset_images(run, split, images)
     out = Path(out_dir) if out_dir is not None else run.run_dir / VISUALIZATIONS_DIR
     write_source_file(run)
+    ready = Result(run=run, tensorboard=tensorboard, skipped_images=batch.skipped, notes=[
+        *run.notes, *batch.notes,
+        *([] if crop else [f"--no-crop: each whole picture resized to {'x'.join(map(str, run.preprocessing.crop))} px"])])
+    targets = parse_target(target, run.class_aliases)
+    if on_ready is not None:
+        on_ready(ready)
     writer = LazyWriter(run.run_dir) if tensorboard else None
     try:
-        visualizer = Visualizer(run, batch, out, parse_target(target, run.class_aliases), writer, on_written,
-                                on_progress, params)
+        visualizer = Visualizer(run, batch, out, targets, writer, on_written, on_progress, params)
         result = visualizer.run_methods(list(methods), list(layers))
     finally:
         if writer is not None:
             writer.close()
-    result.run, result.tensorboard = run, tensorboard
-    result.notes = [*run.notes, *batch.notes, *([] if crop else ["--no-crop: each whole picture resized to "
-                                                                   f"{'x'.join(map(str, run.preprocessing.crop))} px"])]
-    result.skipped_images = batch.skipped
+    result.run, result.tensorboard, result.notes, result.skipped_images = run, tensorboard, ready.notes, ready.skipped_images
     return result

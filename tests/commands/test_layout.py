@@ -13,14 +13,16 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import cnnvis.cli as cli_module
+import cnnvis.console as console_module
 from cnnvis.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_at(width: int, monkeypatch: pytest.MonkeyPatch, *args: object) -> str:
-    monkeypatch.setattr(cli_module, "console", Console(width=width))
-    monkeypatch.setattr(cli_module, "err_console", Console(width=width, stderr=True))
+    for module in (cli_module, console_module):
+        monkeypatch.setattr(module, "console", Console(width=width))
+        monkeypatch.setattr(module, "err_console", Console(width=width, stderr=True))
     result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": str(width)})
     assert result.exit_code == 0, result.output
     return result.output
@@ -55,6 +57,11 @@ def test_train_visualize_and_evaluate_fit(width: int, monkeypatch: pytest.Monkey
     evaluated = run_at(width, monkeypatch, "evaluate", run_copy, "--no-tensorboard")
     assert_fits(evaluated, width, paths)
     assert "accuracy" in evaluated
+    # the trust table's ten columns, with the longest method name
+    ranked = run_at(width, monkeypatch, "evaluate", run_copy, "--no-tensorboard", "--explanations", "-n", "2",
+                    "--subset-images", "1", "--steps", "4", "-m", "integrated-gradients", "-m", "gradcam")
+    assert_fits(ranked, width, paths)
+    assert "integrated-gradients" in ranked and "random order" in ranked
 
 
 def test_help_fits_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:

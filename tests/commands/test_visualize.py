@@ -332,6 +332,22 @@ def test_progress_per_method_reaches_one_and_grows(run):
     assert len(seen["occlusion"]) > 2  # occlusion reports its batches of windows on the way
 
 
+def test_notes_and_dropped_files_are_known_before_the_first_method_runs(run, tmp_path):
+    from cnnvis.commands.visualize import visualize_command
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(folder / "a.png")
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    events: list[str] = []
+    result = visualize_command(run, methods=["saliency"], files=[folder], crop=False,
+                               on_ready=lambda ready: events.append(f"ready {len(ready.notes)} {len(ready.skipped_images)}"),
+                               on_progress=lambda method, fraction: events.append(method))
+    assert events[0] == f"ready {len(result.notes)} 1" and events[1:] and set(events[1:]) == {"saliency"}
+    assert any("--no-crop" in note for note in result.notes)
+    assert [Path(path).name for path, _ in result.skipped_images] == ["broken.jpg"]
+
+
 def test_ctrl_c_keeps_the_finished_methods_and_names_the_rest(run, monkeypatch):
     import cnnvis.commands.visualize as visualize_module
 
