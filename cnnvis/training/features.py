@@ -2,7 +2,7 @@
 never changes, so unless something random changes the images it is computed once, and the head
 trains on it every epoch.
 
-It is on when all of these hold (:func:`fast_path_blocker` names the first that does not):
+It is on when all of these hold (:func:`fast_path_blocker` names every one that does not):
 
 * ``model.freeze: backbone`` and ``train.cache_features`` (the default);
 * nothing random in the training images: none of ``data.transforms.random_crop``, ``flip``,
@@ -54,23 +54,25 @@ RANDOM_TRANSFORMS = ("random_crop", "flip", "rotation", "translate", "color_jitt
 
 
 def fast_path_blocker(config: Config, world_size: int = 1) -> str | None:
-    """Why the fast path is off for ``config`` (None: nothing in the config stops it)."""
+    """Why the fast path is off for ``config``, every reason at once (None: nothing in the config stops it)."""
     t, train = config.data.transforms, config.train
     if config.model.freeze != "backbone":
         return "the backbone is trained (model.freeze: none)"
     if not train.cache_features:
         return "train.cache_features is false"
+    # all of them, so that one edit of the config turns the fast path on
+    reasons = []
     random = [f"data.transforms.{k}" for k in RANDOM_TRANSFORMS if getattr(t, k)]
     random += [f"train.{k}" for k in ("mixup", "cutmix") if getattr(train, k)]
     if random:
-        return f"random augmentation ({', '.join(random)})"  # other pixels every epoch
+        reasons.append(f"random augmentation ({', '.join(random)})")  # other pixels every epoch
     if train.tta_flip:
-        return "train.tta_flip evaluates mirror images as well"
+        reasons.append("train.tta_flip evaluates mirror images as well")
     if train.ema:
-        return "train.ema averages the whole model"
+        reasons.append("train.ema averages the whole model")
     if world_size > 1:
-        return "several training processes"
-    return None
+        reasons.append("several training processes")
+    return "; ".join(reasons) or None
 
 
 class FeatureBatches:

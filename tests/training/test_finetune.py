@@ -166,6 +166,14 @@ def test_fast_path_off_says_why(changes, reason):
     assert reason in fast_path_blocker(build_config(raw))
 
 
+def test_every_reason_the_fast_path_is_off_is_given_at_once():
+    raw = {"data": {"dataset": "imagefolder", "path": "x", "transforms": {"flip": True}},
+           "model": {"arch": "mnist_cnn", "freeze": "backbone"}, "train": {"tta_flip": True, "ema": 0.99}}
+    reason = fast_path_blocker(build_config(raw), world_size=2)
+    for part in ("data.transforms.flip", "train.tta_flip", "train.ema", "several training processes"):
+        assert part in reason
+
+
 def test_header_says_when_augmentation_keeps_the_fast_path_off(tmp_path, folder):
     config = write_config(tmp_path / "c.yaml", folder, data={"transforms": {"image_size": 32, "random_crop": True}},
                           model={"arch": "mnist_cnn", "freeze": "backbone"})
