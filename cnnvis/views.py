@@ -137,13 +137,15 @@ class MethodProgress:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> MethodProgress:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.tasks:
+            self.progress.stop()
 
     def update(self, method: str, fraction: float) -> None:
+        if not self.tasks:  # started by the first method, so an error before it prints no empty bar lines
+            self.progress.start()
         if method not in self.tasks:
             self.tasks[method] = self.progress.add_task(method, total=1.0)
         self.progress.update(self.tasks[method], completed=fraction)

@@ -83,7 +83,8 @@ def image_grid_figure(
     title_h = text_h(len(title_lines), TITLE_PT) + 0.12 if title_lines else 0.0
     row_gap = 0.15
     key_rows = _legend_rows(legend, width - 2 * MARGIN)
-    key_h = (len(key_rows) * LEGEND_ROW_H + 0.1 if key_rows else 0.0) + (text_h(1, SMALL_PT) + 0.05 if legend_note else 0.0)
+    note_lines = wrap(legend_note, width - 2 * MARGIN, SMALL_PT)  # a one-image figure is narrower than the note
+    key_h = (len(key_rows) * LEGEND_ROW_H + 0.1 if key_rows else 0.0) + (text_h(len(note_lines), SMALL_PT) + 0.05 if note_lines else 0.0)
     height = 2 * MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap + key_h
 
     cv = Canvas(width, height, dpi)
@@ -98,7 +99,7 @@ def image_grid_figure(
         cv.text(left + cell_w / 2, top, caption_lines[i], CAPTION_PT, color=color)
         ax = cv.axes(left + (cell_w - pw) / 2, top + cap_h + (0.04 if cap_h else 0), pw, ph)
         imshow(ax, rgb[i], interp)
-    _draw_legend(cv, key_rows, MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap + 0.1, legend_note)
+    _draw_legend(cv, key_rows, MARGIN + title_h + rows * cell_h + (rows - 1) * row_gap + 0.1, note_lines)
     return finish(figure_to_png(cv.fig), path, sidecar)
 
 
@@ -123,7 +124,7 @@ def _legend_rows(items: Sequence[tuple[str, tuple[float, float, float]]], width:
     return rows
 
 
-def _draw_legend(cv: Canvas, rows: list[list[tuple[str, Any]]], top: float, note: str) -> None:
+def _draw_legend(cv: Canvas, rows: list[list[tuple[str, Any]]], top: float, note: Sequence[str]) -> None:
     for r, row in enumerate(rows):
         x = (cv.w - sum(_legend_item_w(name) for name, _ in row) + 0.2) / 2
         y = top + r * LEGEND_ROW_H
@@ -135,7 +136,7 @@ def _draw_legend(cv: Canvas, rows: list[list[tuple[str, Any]]], top: float, note
             cv.text(x + _SWATCH + 0.06, y - 0.01, [name], SMALL_PT, ha="left", color=GRAY_TEXT)
             x += _legend_item_w(name)
     if note:
-        cv.text(cv.w / 2, top + len(rows) * LEGEND_ROW_H + 0.02, [note], SMALL_PT, color=GRAY_TEXT)
+        cv.text(cv.w / 2, top + len(rows) * LEGEND_ROW_H + 0.02, note, SMALL_PT, color=GRAY_TEXT)
 
 def grid_columns(count: int) -> int:
     return 8 if count >= 32 else max(1, math.ceil(math.sqrt(count)))

@@ -321,6 +321,21 @@ def test_occlusion_class_figure_key_is_drawn_under_the_grid():
     assert with_key.height > plots.image_grid_figure(torch.rand(2, 3, 16, 16), ["x\ny", "x\ny"], "t", columns=4).height
 
 
+def test_occlusion_note_under_one_narrow_image_is_wrapped_inside_the_picture():
+    from cnnvis import plots
+    from cnnvis.plots.base import MARGIN, SMALL_PT, text_width_in, wrap
+    from cnnvis.plots.occlusion import UNCHANGED_NOTE
+
+    figure = plots.occlusion_classes_figure(torch.rand(1, 3, 16, 16), torch.zeros(1, 2, 2, dtype=torch.long),
+                                            torch.zeros(1, dtype=torch.long), ["a"], ["x"], "t")
+    width_in = figure.width / 100  # dpi 100
+    assert text_width_in(UNCHANGED_NOTE, SMALL_PT) > width_in - 2 * MARGIN  # the note is wider than the picture
+    lines = wrap(UNCHANGED_NOTE, width_in - 2 * MARGIN, SMALL_PT)
+    assert len(lines) > 1 and all(text_width_in(line, SMALL_PT) <= width_in - 2 * MARGIN for line in lines)
+    bare = plots.image_grid_figure(torch.rand(1, 3, 16, 16), ["x\nno window changes the prediction"], "t", columns=4)
+    assert figure.height >= bare.height + len(lines) * SMALL_PT * 1.2 * 100 / 72 - 2  # room for every line
+
+
 def test_progress_per_method_reaches_one_and_grows(run):
     from cnnvis.commands.visualize import visualize_command
 
