@@ -231,9 +231,10 @@ def _maybe(value: float, digits: int) -> str:
 
 
 #: how the layer table gets narrower, one step at a time until it fits the terminal: numbers
-#: abbreviated, names unindented (their dots still show the depth), then whole columns given up,
-#: the least needed first (said in the caption). Layer names, what --layer needs, are never cut.
-LAYER_TABLE_SHRINK = ("short numbers", "no indent", "type", "trainable", "output", "params", "mult-adds")
+#: abbreviated, then whole columns given up, the least needed first (said under the table); at each
+#: step the names keep their indentation if it fits, else lose it (their dots still show the depth).
+#: Layer names, what --layer needs, are never cut.
+LAYER_TABLE_SHRINK = ("short numbers", "type", "trainable", "output", "params", "mult-adds")
 
 
 def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | None = None) -> Group:
@@ -248,22 +249,26 @@ def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | N
                *(["trainable"] if result.frozen_params else []), "mult-adds"]
     steps: list[str] = []
     for step in (None, *LAYER_TABLE_SHRINK):
+        if step in columns:
+            columns.remove(step)
+        elif step not in (None, "short numbers"):
+            continue
         if step is not None:
-            if step in columns:
-                columns.remove(step)
-            elif step in ("trainable", "layer (--layer)"):
-                continue
             steps.append(step)
-        table = _layer_rows(shown, columns, short="short numbers" in steps, indent="no indent" not in steps)
-        if width is None or _table_width(table) <= width:
-            break
+        for indent in (True, False):
+            table = _layer_rows(shown, columns, short="short numbers" in steps, indent=indent)
+            if width is None or _table_width(table) <= width:
+                break
+        else:
+            continue
+        break
     table.title = title
     split = "all trainable" if not result.frozen_params else (
         f"{result.trainable_params:,} trainable, {result.frozen_params:,} frozen")
     table.caption = f"{result.total_params:,} parameters ({split}), {_short(result.mult_adds)} mult-adds per image"
     notes = ["mult-adds count convolutions, matrix products and attention over all tokens (torch's "
              "FlopCounterMode, FLOPs / 2), not norms or activations"]
-    dropped = [s for s in steps if s not in ("short numbers", "no indent")]
+    dropped = [s for s in steps if s != "short numbers"]
     if dropped:
         notes.append(f"at {width} columns without: {', '.join(dropped)}")
     kinds = sorted({f"({r.output_type})" for r in shown if r.output_shape is None})
