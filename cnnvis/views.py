@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import (
@@ -21,13 +21,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from torch import Tensor
 
 from cnnvis.training.events import Listener, TrainState
 
 if TYPE_CHECKING:
     from cnnvis.commands.evaluate import Evaluation
-    from cnnvis.commands.summary import ModelSummary
+    from cnnvis.commands.summary import LayerRow, ModelSummary
     from cnnvis.commands.visualize import Result
     from cnnvis.data import DataBundle
     from cnnvis.metrics.faithfulness import FaithfulnessReport
@@ -235,40 +236,67 @@ def _maybe(value: float, digits: int) -> str:
     return f"{value:.{digits}f}" if value == value else "–"
 
 
-#: the layer table's columns, in the order they are given up when the terminal is narrow
-#: (the layer name, the one thing --layer needs, is never dropped)
-LAYER_COLUMNS_DROP_ORDER = ("mult-adds", "trainable", "params", "output", "type")
+#: how the layer table gets narrower, one step at a time until it fits the terminal: numbers
+#: abbreviated, then whole columns given up, the least needed first (said under the table); at each
+#: step the names keep their indentation if it fits, else lose it (their dots still show the depth).
+#: Layer names, what --layer needs, are never cut.
+LAYER_TABLE_SHRINK = ("short numbers", "type", "trainable", "output", "params", "mult-adds")
 
 
-def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | None = None) -> Table:
-    """The layer table; at ``width`` columns the least needed columns are left out (said in the
-    caption) instead of cutting every cell."""
-    rows = []
-    for row in result:
-        if depth and row.depth > depth:
+def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | None = None) -> Group:
+    """The layer table: every layer ``--layer`` can take, in tree order. A module that never ran (its
+    parent only uses its weights) is not listed; one that returns no single tensor shows its output
+    type (``(tuple)``), since ``--layer`` cannot take it. At ``width`` columns it shrinks step by step
+    (:data:`LAYER_TABLE_SHRINK`) instead of cutting cells. Below it, a line per note (what is
+    counted, what was left out)."""
+    shown = [r for r in result if r.executed and not (depth and r.depth > depth)]
+    # the column says nothing when no parameter is frozen: the caption says so once
+    columns = ["layer (--layer)", "type", "output", "params",
+               *(["trainable"] if result.frozen_params else []), "mult-adds"]
+    steps: list[str] = []
+    for step in (None, *LAYER_TABLE_SHRINK):
+        if step in columns:
+            columns.remove(step)
+        elif step not in (None, "short numbers"):
             continue
-        shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else "-"
-        rows.append({"layer (--layer)": "  " * (row.depth - 1) + row.name, "type": row.type, "output": shape,
-                     "params": f"{row.num_params:,}", "trainable": row.trainable,
-                     "mult-adds": _short(row.mult_adds) if row.mult_adds else "-"})
-    columns = ["layer (--layer)", "type", "output", "params", "trainable", "mult-adds"]
-    dropped: list[str] = []
-    while True:
-        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in columns:
-            table.add_column(column, justify="right" if column in ("params", "mult-adds") else "left", no_wrap=True)
-        for r in rows:
-            table.add_row(*(r[c] for c in columns))
-        if width is None or len(columns) == 1 or _table_width(table) <= width:
-            break
-        drop = next(c for c in LAYER_COLUMNS_DROP_ORDER if c in columns)
-        columns.remove(drop)
-        dropped.append(drop)
-    caption = (f"{result.total_params:,} parameters ({result.trainable_params:,} trainable, "
-               f"{result.frozen_params:,} frozen), {_short(result.mult_adds)} mult-adds per image")
+        if step is not None:
+            steps.append(step)
+        for indent in (True, False):
+            table = _layer_rows(shown, columns, short="short numbers" in steps, indent=indent)
+            if width is None or _table_width(table) <= width:
+                break
+        else:
+            continue
+        break
+    table.title = title
+    split = "all trainable" if not result.frozen_params else (
+        f"{result.trainable_params:,} trainable, {result.frozen_params:,} frozen")
+    table.caption = f"{result.total_params:,} parameters ({split}), {_short(result.mult_adds)} mult-adds per image"
+    notes = ["mult-adds count convolutions, matrix products and attention over all tokens (torch's "
+             "FlopCounterMode, FLOPs / 2), not norms or activations"]
+    dropped = [s for s in steps if s != "short numbers"]
     if dropped:
-        caption += f"; at {width} columns without: {', '.join(dropped)}"
-    table.caption = caption
+        notes.append(f"at {width} columns without: {', '.join(dropped)}")
+    kinds = sorted({f"({r.output_type})" for r in shown if r.output_shape is None})
+    if kinds:
+        notes.append(f"{', '.join(kinds)}: no single tensor out, so not usable as --layer (take the block around it)")
+    hidden = [r.name for r in result if not r.executed]
+    if hidden:
+        notes.append(f"not listed: {len(hidden)} module(s) that never ran because their parent uses their weights, "
+                     f"such as {hidden[0]}")
+    return Group(table, *(Text(note, style="dim") for note in notes))
+
+
+def _layer_rows(rows: list[LayerRow], columns: list[str], short: bool, indent: bool) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, collapse_padding=True)
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("params", "mult-adds") else "left", no_wrap=True)
+    for row in rows:
+        shape = "x".join(str(d) for d in row.output_shape[1:]) if row.output_shape else f"({row.output_type})"
+        cells = {"layer (--layer)": "  " * (row.depth - 1) * indent + row.name, "type": row.type, "output": shape,
+                 "params": _short(row.num_params) if short else f"{row.num_params:,}", "trainable": row.trainable,
+                 "mult-adds": _short(row.mult_adds) if row.mult_adds else "-"}
+        table.add_row(*(cells[c] for c in columns))
     return table
 
 

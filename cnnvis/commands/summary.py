@@ -1,19 +1,26 @@
-"""Layer-by-layer model summary (names, shapes, parameters, mult-adds) via torchinfo.
+"""Layer-by-layer model summary (names, shapes, parameters, mult-adds) from one hooked forward pass.
 
 Each row's ``name`` is exactly the dotted name from ``model.named_modules()`` (``features.3``,
 ``layer4.1.conv2``) -- the value a user passes as ``--layer`` -- so every listed name works with
-``model.get_submodule(name)``. Nothing is printed; the CLI renders the rows as a table.
+``model.get_submodule(name)``; :attr:`LayerRow.usable` says whether ``--layer`` can take it (it ran
+and returned a tensor). Mult-adds come from :class:`torch.utils.flop_counter.FlopCounterMode`, which
+counts the aten ops themselves: a Linear on 197 tokens counts 197 times, attention's matrix products
+count, and a ``.pt2`` program (whose modules are no nn.Conv2d) counts like the model it came from.
+Nothing is printed; the CLI renders the rows as a table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, overload
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.hooks import RemovableHandle
 
 from cnnvis.errors import CnnvisError
 
@@ -31,15 +38,18 @@ class LayerRow:
         type: class name (``Conv2d``, ``BasicBlock`` ...).
         depth: nesting depth (``features`` = 1, ``features.3`` = 2, ...).
         output_shape: output shape of its first call (batch included), ``None`` if the module
-            was not called in the forward pass (or returned something that is not a tensor).
+            was not called in the forward pass or returned something that is not a tensor.
         num_params: parameters of the module including its children.
         trainable_params: how many of those have ``requires_grad``.
         trainable: ``"trainable"``, ``"frozen"``, ``"partial"`` or ``"-"`` (no parameters).
-        mult_adds: multiply-adds of one forward pass of the given input (containers: the sum of
-            their layers), over all calls of the module.
+        mult_adds: multiply-adds of one forward pass of the given input, over all calls of the
+            module, its children's included (convolutions, matrix products, attention; norms and
+            activations count 0).
         is_leaf: has no child modules.
         calls: how often the forward pass called it (ResNet blocks reuse their ``relu``).
         input_shape: input shape of its first call, ``None`` if not called.
+        output_type: type name of its first call's output (``Tensor``, ``tuple`` ...; ``""``
+            if not called).
     """
 
     name: str
@@ -53,10 +63,17 @@ class LayerRow:
     is_leaf: bool
     calls: int = 1
     input_shape: tuple[int, ...] | None = None
+    output_type: str = ""
 
     @property
     def executed(self) -> bool:
         return self.calls > 0
+
+    @property
+    def usable(self) -> bool:
+        """``--layer`` can take it: it ran and returned one tensor. A module whose parent only
+        uses its weights (nn.MultiheadAttention's ``out_proj``) never runs; attention returns a tuple."""
+        return self.output_shape is not None
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,8 @@ class ModelSummary(Sequence[LayerRow]):
 
     @property
     def names(self) -> list[str]:
-        return [row.name for row in self.rows]
+        """The names ``--layer`` takes (:attr:`LayerRow.usable`), in tree order."""
+        return [row.name for row in self.rows if row.usable]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -139,10 +157,75 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-def _shape(size: object) -> tuple[int, ...] | None:
-    if isinstance(size, (list, tuple)) and size and all(isinstance(s, int) for s in size):
-        return tuple(int(s) for s in size)
-    return None
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@dataclass
+class _Seen:
+    """What the hooks saw of one module: its calls, and its first call's input and output."""
+
+    calls: int = 0
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    output_type: str = ""
+
+
+def _record_calls(model: nn.Module) -> tuple[dict[str, _Seen], list[RemovableHandle]]:
+    seen: dict[str, _Seen] = {}
+    handles: list[RemovableHandle] = []
+
+    def pre(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            if name not in seen:
+                x = args[0] if args else None
+                seen[name] = _Seen(input_shape=tuple(x.shape) if isinstance(x, Tensor) else None)
+        return hook
+
+    def post(name: str) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_m: nn.Module, _args: tuple, out: object) -> None:
+            record = seen.setdefault(name, _Seen())
+            if record.calls == 0:
+                record.output_type = type(out).__name__
+                record.output_shape = tuple(out.shape) if isinstance(out, Tensor) else None
+            record.calls += 1
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
+    return seen, handles
+
+
+def _attention_flops(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], *_args: object,
+                     **_kwargs: object) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+#: the fused attention kernel FlopCounterMode has no formula for (the CPU one) counts like the CUDA ones
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
+@contextmanager
+def _no_attention_fastpath() -> Iterator[None]:
+    """nn.MultiheadAttention's inference fast path is one fused op no flop formula knows: take the
+    ordinary path (projections, matrix products) so that it is counted."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def _flops_by_name(counter: FlopCounterMode) -> dict[str, int]:
+    """FlopCounterMode's per-module counts keyed like ``named_modules()``: it names each module
+    ``RootClass.dotted.name``."""
+    out: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        if "." in key:
+            out[key.split(".", 1)[1]] = sum(ops.values())
+    return out
 
 
 def summarize(
@@ -159,13 +242,14 @@ def summarize(
         device: where to run the pass (default: where the model is, CPU if it has no
             parameters). The model is moved back afterwards.
 
-    Returns a :class:`ModelSummary`: a sequence of :class:`LayerRow` in forward order (modules
-    that were never called come last with ``calls == 0``) with the totals.
+    Returns a :class:`ModelSummary`: a sequence of :class:`LayerRow` in tree order (as
+    ``named_modules()``; a module the forward pass never called has ``calls == 0``) with the totals.
+    Mult-adds are what :class:`torch.utils.flop_counter.FlopCounterMode` counts, halved: the
+    convolutions, matrix products and attention, whatever module type runs them (so a ``.pt2``
+    program's too); norms and activations are not counted.
 
     Raises :class:`~cnnvis.errors.CnnvisError` when the model cannot run on that input size.
     """
-    import torchinfo
-
     size = tuple(int(s) for s in input_size)
     if len(size) == 3:
         size = (1, *size)
@@ -175,75 +259,50 @@ def summarize(
     home = _model_device(model)
     run_on = torch.device(device) if device is not None else (home or torch.device("cpu"))
     modes = {m: m.training for m in model.modules()}
+    seen, handles = _record_calls(model)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     try:
         model.eval()  # no BatchNorm statistics are updated, dropout is off
+        model.to(run_on)
+        x = torch.zeros(size, dtype=_model_dtype(model), device=run_on)
         try:
-            with torch.no_grad():
-                stats = torchinfo.summary(
-                    model, input_size=size, device=run_on, mode="eval", verbose=0, depth=10_000
-                )
-        except RuntimeError as exc:
-            cause = exc.__cause__ or exc
-            detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            with torch.no_grad(), _no_attention_fastpath(), counter:
+                model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CnnvisError(
                 f"{type(model).__name__} cannot run on an input of size {list(size)}: {detail}",
                 "Check that the channels and image size match the model and its data set.",
             ) from None
-        finally:
-            try:  # torchinfo keeps every summary (and so the model) in a module-level cache
-                torchinfo.torchinfo._cached_forward_pass.pop(model.__class__.__name__, None)
-            except AttributeError:  # pragma: no cover - other torchinfo versions
-                pass
     finally:
+        for handle in handles:
+            handle.remove()
         if home is not None and _model_device(model) != home:
             model.to(home)
         for module, training in modes.items():
             module.training = training
 
-    names = {id(m): n for n, m in model.named_modules()}
-    first: dict[str, object] = {}
-    calls: dict[str, int] = {}
-    leaf_macs: dict[int, int] = {}
-    order: list[str] = []
-    for info in stats.summary_list:
-        name = names.get(id(info.module))
-        if name is None or name == "":
-            continue
-        if name not in first:
-            first[name] = info
-            calls[name] = 0
-            order.append(name)
-        if getattr(info, "executed", True):
-            calls[name] += 1
-        if info.is_leaf_layer:
-            leaf_macs[id(info.module)] = leaf_macs.get(id(info.module), 0) + int(info.macs)
-
-    listed = set(order)
-    order += [n for n, _ in model.named_modules() if n and n not in listed]
-
+    flops = _flops_by_name(counter)
     rows = []
-    for name in order:
-        module = model.get_submodule(name)
-        info = first.get(name)
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        record = seen.get(name, _Seen())
         total, trainable = _count(list(module.parameters()))
-        is_leaf = not any(True for _ in module.children())
-        if is_leaf:
-            macs = leaf_macs.get(id(module), 0)
-        else:
-            macs = sum(leaf_macs.get(id(m), 0) for m in module.modules())
         rows.append(
             LayerRow(
                 name=name,
                 type=type(module).__name__,
                 depth=name.count(".") + 1,
-                output_shape=_shape(getattr(info, "output_size", None)) if info is not None else None,
+                output_shape=record.output_shape,
                 num_params=total,
                 trainable_params=trainable,
                 trainable=_trainable(total, trainable),
-                mult_adds=macs,
-                is_leaf=is_leaf,
-                calls=calls.get(name, 0),
-                input_shape=_shape(getattr(info, "input_size", None)) if info is not None else None,
+                mult_adds=flops.get(name, 0) // 2,
+                is_leaf=not any(True for _ in module.children()),
+                calls=record.calls,
+                input_shape=record.input_shape,
+                output_type=record.output_type,
             )
         )
 
@@ -254,7 +313,7 @@ def summarize(
         input_size=size,
         total_params=total,
         trainable_params=trainable,
-        mult_adds=int(stats.total_mult_adds),
+        mult_adds=counter.get_total_flops() // 2,
         param_bytes=sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
     )

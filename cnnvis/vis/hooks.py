@@ -292,7 +292,10 @@ class Capture:
 
     def _record(self, name: str, tensor: object, module: nn.Module | None) -> None:
         if not isinstance(tensor, Tensor):
-            raise UnsupportedModelError(f"layer {name!r} produced a {type(tensor).__name__}, not a tensor")
+            parent = name.rpartition(".")[0]
+            near = f"the block around it, {parent!r}, or " if parent else ""
+            raise UnsupportedModelError(f"layer {name!r} produced a {type(tensor).__name__}, not a tensor",
+                                        f"Pick {near}a layer `cnnvis summary` shows with an output shape.")
         self._calls[name] += 1
         layout = self.layouts[name] = infer_layout(self._model, module, tuple(tensor.shape), *self._input)
         self.values[name] = layout.to_map(tensor.clone() if self._live else tensor.detach().clone())
@@ -301,7 +304,9 @@ class Capture:
 
     def value(self, name: str) -> Tensor:
         if name not in self.values:
-            raise VisError(f"layer {name!r} did not run during the forward pass")
+            raise VisError(f"layer {name!r} did not run during the forward pass",
+                           "Its parent may use its weights without calling it (as nn.MultiheadAttention does "
+                           "its out_proj); `cnnvis summary` lists only the layers that run.")
         if self._calls[name] > 1 and name not in self._warned:
             self._warned.add(name)
             warnings.warn(f"layer {name!r} ran {self._calls[name]} times in one forward pass; using its last call",

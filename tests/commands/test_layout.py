@@ -6,15 +6,19 @@ must fit, and nothing may end in rich's ellipsis (a cell cut short).
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from torchvision.models import VisionTransformer
 from typer.testing import CliRunner
 
 import cnnvis.cli as cli_module
 import cnnvis.console as console_module
 from cnnvis.cli import app
+from cnnvis.commands.summary import summarize
+from cnnvis.views import layer_table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,3 +73,29 @@ def test_help_fits_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
         out = run_at(80, monkeypatch, *command, "--help")
         assert_fits(out, 80)
         assert "<bool>" not in out  # flags are shown as flags
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_summary_of_a_cnn_and_a_vit_keeps_names_shapes_and_mult_adds(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = run_at(width, monkeypatch, "summary", "torchvision:resnet18", "--weights", "none")
+    assert_fits(out, width)
+    header = next(line for line in out.splitlines() if "layer (--layer)" in line)
+    assert all(column in header for column in ("type", "output", "params", "mult-adds"))
+    assert " layer4.0.downsample.0 " in out and "1.8G mult-adds per image" in out
+    # ViT-B/16's names (encoder.layers.encoder_layer_11.self_attention) on a model small enough to test
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=12, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=5)
+    result = summarize(vit, (1, 3, 32, 32))
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(layer_table(result, "vit", width=width))
+    out = console.export_text()
+    assert_fits(out, width)
+    header = next(line for line in out.splitlines() if "layer (--layer)" in line)
+    assert all(column in header for column in ("output", "params", "mult-adds"))
+    assert ("type" in header) == (width == 120)
+    names = {line.split()[0] for line in out.splitlines()[3:] if line.startswith(" ")}
+    assert set(result.names) <= names  # every usable name whole, on its own line
+    row = next(line for line in out.splitlines() if " encoder.layers.encoder_layer_11.self_attention " in line)
+    assert "(tuple)" in row and "(tuple): no single tensor out, so not usable as --layer" in " ".join(out.split())
+    assert "not listed: 12 module(s) that never ran" in " ".join(out.split())
+    assert "encoder.layers.encoder_layer_11.self_attention.out_proj" not in names  # never ran
