@@ -57,6 +57,11 @@ def _aliases(name: str) -> list[str]:
     return [_key(part) for part in name.split(",") if part.strip()]
 
 
+def numbered(names: Sequence[str]) -> bool:
+    """Whether the class names are just their indices (``"0", "1", ...``): the model names none."""
+    return all(name == str(i) for i, name in enumerate(names))
+
+
 def match_class(text: str, names: Sequence[str], what: str = "target") -> int:
     """The index of the class ``text`` names: the whole name or one of its comma-separated aliases,
     case-insensitively. Unknown or ambiguous names are a ``ConfigError`` listing the nearest names."""
@@ -72,7 +77,14 @@ def match_class(text: str, names: Sequence[str], what: str = "target") -> int:
     keys = {alias: i for i, name in enumerate(names) for alias in [_key(name), *_aliases(name)]}
     close = difflib.get_close_matches(key, list(keys), n=5, cutoff=0.6)
     near = list(dict.fromkeys(names[keys[c]] for c in close))
-    hint = f"Nearest: {'; '.join(near)}." if near else f"Classes: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}."
+    if numbered(names):  # nothing to be near: the model's classes have no names
+        hint = (f"The model's classes are numbered 0..{len(names) - 1} (no names known): give a class index, "
+                "or name them with --classes FILE.")
+    elif near:
+        hint = f"Nearest: {'; '.join(near)}."
+    else:
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        hint = f"Classes: {', '.join(names[:10])}{more}."
     if what == "target":
         raise ConfigError(f"target {text!r}: not pred, true, a class index or a class name", hint, parameter="target")
     raise ConfigError(f"{what} {text!r}: no class of that name", hint)

@@ -20,6 +20,7 @@ from cnnvis.console import (
     err_console,
     friendly_errors,
     print_notes,
+    print_skipped,
 )
 from cnnvis.errors import CnnvisError
 
@@ -113,9 +114,7 @@ def train(
                           f"nothing to train (to train for longer: --resume {escape(str(trainer.run_dir))} --set train.epochs=N)", soft_wrap=True)
         return
     if trainer.data.skipped:
-        shown = "; ".join(f"{p} ({why})" for p, why in trainer.data.skipped[:20])
-        more = f" and {len(trainer.data.skipped) - 20} more" if len(trainer.data.skipped) > 20 else ""
-        err_console.print(f"[yellow]warning:[/] skipped {len(trainer.data.skipped)} unreadable image(s): {escape(shown)}{more}", soft_wrap=True)
+        print_skipped(trainer.data.skipped)
     if cfg.log.tensorboard:
         from cnnvis.training.tensorboard import TensorBoardListener
 
@@ -214,10 +213,7 @@ def _print_ready(ready: Any) -> None:
     """Before the methods run: what loading decided and which image files were dropped."""
     print_notes(ready.notes)
     if ready.skipped_images:
-        shown = "; ".join(f"{p} ({why})" for p, why in ready.skipped_images[:20])
-        more = f" and {len(ready.skipped_images) - 20} more" if len(ready.skipped_images) > 20 else ""
-        err_console.print(f"[yellow]warning:[/] skipped {len(ready.skipped_images)} unreadable image(s): {escape(shown)}{more}",
-                          soft_wrap=True)
+        print_skipped(ready.skipped_images)
 
 
 def _model_options(source: str, **options: Any) -> dict[str, Any]:
@@ -280,12 +276,14 @@ def evaluate(
         )
     run, ev = outcome.run, outcome.evaluation
     print_notes(run.notes)
+    if outcome.skipped_images:
+        print_skipped(outcome.skipped_images)
     console.print(evaluation_table(ev, run.label))
     if ev.wrong_count:
         console.print(worst_mistakes_line(ev))  # prose: wrapped at words, not cut
     report = outcome.faithfulness
     if report is not None:
-        console.print(faithfulness_table(report, ev.split))
+        console.print(faithfulness_table(report, ev.images_text))
         for name, reason in report.skipped:
             err_console.print(f"[yellow]skipped {name}:[/] {escape(reason)}", soft_wrap=True)
     written = [outcome.files.metrics, outcome.files.per_class, outcome.files.confusion_matrix, outcome.files.confidently_wrong]
@@ -295,7 +293,7 @@ def evaluate(
     where = f"; also in TensorBoard: tensorboard --logdir {escape(str(run.run_dir))}" if outcome.tensorboard else ""
     console.print(f"written to [bold]{escape(str(outcome.out_dir))}[/]: {names}{where}", soft_wrap=True)
     if outcome.embedding is not None:
-        console.print(f"projector: {outcome.embedding.features.shape[0]} {ev.split} images, {outcome.embedding.features.shape[1]} "
+        console.print(f"projector: {outcome.embedding.features.shape[0]} {escape(ev.images_text)}, {outcome.embedding.features.shape[1]} "
                       f"features (input of {escape(outcome.embedding.layer)}); open the Projector tab of "
                       f"tensorboard --logdir {escape(str(run.run_dir))}", soft_wrap=True)
 

@@ -53,6 +53,14 @@ def print_notes(notes: list[str]) -> None:
         err_console.print(f"[yellow]{level}:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
+def print_skipped(skipped: list[tuple[str, str]]) -> None:
+    """Image files left out, with why, as one warning line (``path: reason; ...``)."""
+    from cnnvis.data.images import describe_skipped
+
+    err_console.print(f"[yellow]warning:[/] skipped {len(skipped)} unreadable image(s): {escape(describe_skipped(skipped))}",
+                      highlight=False, soft_wrap=True)
+
+
 def error_line(exc: CnnvisError) -> str:
     """The error as the CLI shows it: a message about a parameter names its flag instead."""
     text = str(exc)

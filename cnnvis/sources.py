@@ -44,6 +44,7 @@ from cnnvis.zoo import (
     NO_WEIGHTS,
     Preprocessing,
     build_zoo_model,
+    default_class_names,
     find_head,
     parse_source,
     preprocessing_from_timm,
@@ -313,6 +314,7 @@ def load_source(
         if known is None and zoo.library == "timm":  # the architecture's own default config still says
             known = preprocessing_from_timm(model)
         found_names, named_from, fixed = zoo.class_names, f"the {zoo.source} weights", None
+        default_names = default_class_names(zoo.library, zoo.name) if found_names is None else None
     else:
         path = Path(text).expanduser()
         kind = program_kind(path)
@@ -321,6 +323,7 @@ def load_source(
         model, fixed, more = _load_program(path, kind)
         notes += more
         name, known, found_names, named_from, weights = str(path), None, None, "", None
+        default_names = None
     channels = _in_channels(model)
     preprocessing, line = resolve_preprocessing(known, channels, size, mean, std, fixed)
     notes.append(line)
@@ -331,6 +334,11 @@ def load_source(
             raise ConfigError(f"--classes {classes}: {len(names)} names for a model with {count} outputs")
     elif found_names is not None and len(found_names) == count:
         names = list(found_names)
+    elif default_names is not None and len(default_names[0]) == count:
+        # random weights or a weights file that keeps the default head: its outputs are the default
+        # weights' classes (a fine-tuned head of another size is not, and stays numbered)
+        names, named_from = default_names
+        notes.append(f"class names: {named_from}; --classes FILE to change")
     else:
         names, named_from = [str(i) for i in range(count)], "numbers (no names known)"
         notes.append(f"class names: numbers 0..{count - 1} (the model does not name them; pass --classes FILE)")

@@ -190,7 +190,7 @@ def visualize_table(result: Result, title: str) -> Table:
 def evaluation_table(ev: Evaluation, where: str) -> Table:
     correct = round(ev.accuracy * ev.count)
     # one phrase per title line: a table narrower than its title would wrap it mid-phrase
-    table = Table(title=f"{ev.split}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f}\n{where}")
+    table = Table(title=f"{escape(ev.set_name)}: accuracy {ev.accuracy:.2%} ({correct}/{ev.count}), loss {ev.loss:.4f}\n{where}")
     for column in ("class", "images", "predicted", "precision", "recall", "F1", "accuracy\n(one vs rest)"):
         table.add_column(column, justify="left" if column == "class" else "right")
     number = lambda v: f"{v:.3f}" if v == v else "-"  # noqa: E731 - NaN: undefined (e.g. a class never predicted)
@@ -201,15 +201,15 @@ def evaluation_table(ev: Evaluation, where: str) -> Table:
 
 
 def worst_mistakes_line(ev: Evaluation) -> str:
-    shown = ", ".join(f"{w.index} ({escape(ev.class_names[w.true])} → {escape(ev.class_names[w.predicted])} {w.probability:.0%})"
+    shown = ", ".join(f"{escape(w.where)} ({escape(ev.class_names[w.true])} → {escape(ev.predicted_name(w))} {w.probability:.0%})"
                       for w in ev.confidently_wrong[:5])
     return f"{ev.wrong_count} misclassified; most confidently wrong: {shown}"
 
 
-def faithfulness_table(report: FaithfulnessReport, split: str) -> Table:
+def faithfulness_table(report: FaithfulnessReport, images: str) -> Table:
     layers = sorted({r.layer for r in report.rows if r.layer})
     # light borders and short two-line headers: ten columns fit 80 terminal columns with every digit shown
-    table = Table(title=f"which map can I trust?\n{report.images} {split} images, predicted class, {report.steps} steps"
+    table = Table(title=f"which map can I trust?\n{report.images} {escape(images)}, predicted class, {report.steps} steps"
                         + (f", layer {', '.join(layers)}" if layers else ""),
                   box=box.SIMPLE_HEAD, padding=0, show_edge=False)
     for column in ("#", "method", "del.\nAUC↓", "ins.\nAUC↑", "ROAD\n↑", "max\nsens.↓", "rand.\n|ρ|↓", "SSIM", "sanity",

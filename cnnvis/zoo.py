@@ -261,6 +261,33 @@ def weights_preprocessing(source: str, weights: str | None) -> Preprocessing | N
     return _timm_preprocessing(timm.data.resolve_data_config(pretrained_cfg=config.to_dict()))
 
 
+def default_class_names(library: Library, name: str) -> tuple[list[str], str] | None:
+    """The class names of the architecture's default pretrained weights, and where they come from
+    (``"ImageNet-1k's, from torchvision's resnet18 weights metadata"``), read from the library's
+    tables: nothing is downloaded. For random weights or a weights file that keeps the default
+    head, these are the names its outputs were trained for; the caller checks the class count.
+    None when the library names no default weights for the architecture."""
+    if library == "torchvision":
+        from torchvision import models
+
+        try:
+            default = models.get_model_weights(name).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            return None
+        categories = default.meta.get("categories")
+        if not categories:
+            return None
+        dataset = "ImageNet-1k's" if default.name.startswith("IMAGENET1K") else f"the {default.name} weights'"
+        return list(categories), f"{dataset}, from torchvision's {name} weights metadata"
+    timm = _timm()
+    config = timm.models.get_pretrained_cfg(name.split(".")[0])
+    subset = timm.data.infer_imagenet_subset(config.to_dict()) if config is not None else None
+    if not subset:
+        return None
+    label = subset.replace("imagenet", "ImageNet")
+    return list(timm.data.ImageNetInfo(subset).label_descriptions()), f"{label}'s, from timm's {name} pretrained config"
+
+
 def build_zoo_model(source: str, weights: str | None = None, num_classes: int | None = None) -> ZooModel:
     """The model ``source`` names (``torchvision:NAME`` / ``timm:NAME``) with ``weights`` loaded.
 

@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 from PIL import Image
 
 from cnnvis.classnames import match_class, read_class_names
-from cnnvis.data.images import find_images, load_rgb
+from cnnvis.data.images import check_images, describe_skipped, find_images, load_rgb
 from cnnvis.errors import ConfigError, DataError
-from cnnvis.sources import output_dir, resolve_preprocessing
+from cnnvis.sources import load_source, output_dir, resolve_preprocessing
 from cnnvis.zoo import Preprocessing
 
 IMAGENET_LIKE = ["tench, Tinca tinca", "golden retriever", "crane", "crane", "goldfish, Carassius auratus"]
@@ -87,3 +89,57 @@ def test_output_directory_names() -> None:
 def test_library_models_default_to_the_pretrained_weights() -> None:
     assert output_dir("torchvision:resnet50") == Path("runs/torchvision-resnet50-DEFAULT")
     assert output_dir("timm:convnext_tiny") == Path("runs/timm-convnext_tiny-pretrained")
+
+
+def test_unknown_class_name_lists_classes_without_stray_dots_and_numbered_ones_point_at_classes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        match_class("daisy", [str(i) for i in range(1000)])
+    assert caught.value.hint == ("The model's classes are numbered 0..999 (no names known): give a class index, "
+                                 "or name them with --classes FILE.")
+    names = [f"class{chr(97 + i)}" for i in range(12)]
+    with pytest.raises(ConfigError) as caught:
+        match_class("zzz", names)
+    assert caught.value.hint == f"Classes: {', '.join(names[:10])} and 2 more."
+    assert "...." not in str(caught.value)
+
+
+def test_a_library_model_keeping_the_default_class_count_gets_its_imagenet_names(tmp_path: Path) -> None:
+    run = load_source("torchvision:resnet18", weights="none", size=32)
+    assert len(run.spec.class_names) == 1000 and run.spec.class_names[985] == "daisy"
+    assert "class names: ImageNet-1k's, from torchvision's resnet18 weights metadata; --classes FILE to change" in run.notes
+    assert run.origin.class_names_from == "ImageNet-1k's, from torchvision's resnet18 weights metadata"
+    five = tmp_path / "five.pth"  # a fine-tuned head of another size: its classes are not ImageNet's
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), five)
+    run = load_source("torchvision:resnet18", weights=str(five), size=32)
+    assert run.spec.class_names == ("0", "1", "2", "3", "4")
+    assert any("class names: numbers 0..4" in note for note in run.notes)
+    classes = tmp_path / "names.txt"
+    classes.write_text("\n".join(f"c{i}" for i in range(1000)))
+    run = load_source("torchvision:resnet18", weights="none", size=32, classes=classes)
+    assert run.spec.class_names[0] == "c0" and not any("class names" in note for note in run.notes)
+
+
+def test_a_library_model_from_timm_gets_its_imagenet_names_too() -> None:
+    pytest.importorskip("timm")
+    run = load_source("timm:test_resnet", weights="none", size=32)
+    assert run.spec.class_names[0] == "tench" and run.class_aliases[0] == "tench, Tinca tinca"
+    assert "class names: ImageNet-1k's, from timm's test_resnet pretrained config; --classes FILE to change" in run.notes
+
+
+def test_a_truncated_image_is_one_clean_clause(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    pixels = torch.randint(0, 255, (64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(photo, quality=90)  # noise: the cut falls inside the image data
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    (tmp_path / "notes.png").write_text("not a picture")
+    good, bad = check_images([str(photo), str(cut), str(tmp_path / "notes.png")])
+    assert good == [str(photo)]
+    reasons = dict(bad)
+    assert reasons[str(cut)].startswith("unreadable: image file is truncated (")
+    assert reasons[str(cut)].count("(") == 1  # PIL's own parenthesis, nothing nested around it
+    assert describe_skipped(bad) == f"{cut}: {reasons[str(cut)]}; {tmp_path / 'notes.png'}: not an image"
+    assert describe_skipped(bad, limit=1).endswith(" and 1 more")
+    with pytest.raises(DataError) as caught:
+        load_rgb(cut)
+    assert caught.value.message == f"{cut}: {reasons[str(cut)]}"

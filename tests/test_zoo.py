@@ -16,6 +16,7 @@ from cnnvis.errors import CheckpointError, ConfigError
 from cnnvis.zoo import (
     Preprocessing,
     build_zoo_model,
+    default_class_names,
     find_head,
     parse_source,
     preprocessing_from_torchvision,
@@ -92,3 +93,16 @@ def test_transform_crops_the_centre_or_resizes_the_whole_picture() -> None:
     cropped, whole = p.transform()(picture), p.transform(crop=False)(picture)
     assert cropped.shape == whole.shape == (3, 32, 32)
     assert cropped[2].max() < 0.1 and whole[2, :, 0].min() > 0.9
+
+
+def test_default_weights_name_the_classes_of_an_architecture_offline() -> None:
+    """The names come from the library's tables (torchvision's weights metadata, timm's ImageNet
+    info): nothing is downloaded, so random weights and weights files can have them."""
+    names, source = default_class_names("torchvision", "resnet18")
+    assert len(names) == 1000 and names[:2] == ["tench", "goldfish"] and "daisy" in names
+    assert source == "ImageNet-1k's, from torchvision's resnet18 weights metadata"
+    assert default_class_names("torchvision", "no_such_model") is None
+    pytest.importorskip("timm")
+    names, source = default_class_names("timm", "test_resnet")
+    assert len(names) == 1000 and names[0] == "tench, Tinca tinca"
+    assert source == "ImageNet-1k's, from timm's test_resnet pretrained config"

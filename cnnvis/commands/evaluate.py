@@ -55,9 +55,16 @@ DEFAULT_WRONG = 16  #: confidently wrong images shown
 @dataclass
 class WrongImage:
     index: int  #: position in the split (``test #index``)
-    true: int
-    predicted: int
+    true: int  #: row of :attr:`Evaluation.class_names`
+    predicted: int  #: column of :attr:`Evaluation.class_names` (:data:`OTHER` for a class the data lacks)
     probability: float  #: the predicted (wrong) class's softmax probability
+    source: str = ""  #: the image file (a ``--data`` folder), else ``"test #index"``
+    #: the class the model predicted, by name, also where the table counts it as :data:`OTHER`
+    predicted_name: str = ""
+
+    @property
+    def where(self) -> str:
+        return self.source or f"#{self.index}"
 
 
 @dataclass
@@ -78,6 +85,21 @@ class Evaluation:
     epoch: int = 0
     architecture: str = ""
     untrained: bool = False  #: the model had finished no epoch (random start-up weights)
+    data: str = ""  #: the labelled folder evaluated on (``--data``); empty: the run's own split
+
+    @property
+    def set_name(self) -> str:
+        """What outputs call the images: the split, or the ``--data`` folder's name (its images are
+        the model's "test" split only in name)."""
+        return (Path(self.data).name or self.data) if self.data else self.split
+
+    @property
+    def images_text(self) -> str:
+        """``"test images"`` / ``"images of folder flowers"``, for titles."""
+        return f"images of folder {self.set_name}" if self.data else f"{self.split} images"
+
+    def predicted_name(self, wrong: WrongImage) -> str:
+        return wrong.predicted_name or self.class_names[wrong.predicted]
 
     @property
     def macro_f1(self) -> float:
@@ -97,9 +119,10 @@ class Evaluation:
             "class_names": names,
             "per_class": self.per_class,
             "confusion_matrix": {"rows": "true class", "columns": "predicted class", "counts": self.confusion.tolist()},
+            "data": self.data,
             "confidently_wrong": [
-                {"image": f"{self.split} #{w.index}", "index": w.index, "true": names[w.true],
-                 "predicted": names[w.predicted], "probability": w.probability}
+                {"image": w.source or f"{self.split} #{w.index}", "index": w.index, "true": names[w.true],
+                 "predicted": self.predicted_name(w), "probability": w.probability}
                 for w in self.confidently_wrong
             ],
             "checkpoint": self.checkpoint,
@@ -121,11 +144,18 @@ class Evaluation:
             per_class=[ClassMetrics(c["name"], int(c["support"]), int(c["predicted"]), number(c["precision"]),
                                     number(c["recall"]), number(c["f1"]), number(c["accuracy"])) for c in data["per_class"]],
             wrong_count=int(data["misclassified"]),
-            confidently_wrong=[WrongImage(int(w["index"]), names.index(w["true"]), names.index(w["predicted"]),
-                                          float(w["probability"])) for w in data["confidently_wrong"]],
+            confidently_wrong=[WrongImage(int(w["index"]), names.index(w["true"]), _column(names, w["predicted"]),
+                                          float(w["probability"]), str(w.get("image", "")), str(w["predicted"]))
+                               for w in data["confidently_wrong"]],
             wrong_images=torch.zeros(0), checkpoint=str(data.get("checkpoint", "")), epoch=int(data.get("epoch", 0)),
             architecture=str(data.get("architecture", "")), untrained=bool(data.get("untrained", False)),
+            data=str(data.get("data") or ""),
         )
+
+
+def _column(names: list[str], predicted: str) -> int:
+    """The table column of a predicted class: its own, or :data:`OTHER` (a class the folder lacks)."""
+    return names.index(predicted) if predicted in names else names.index(OTHER)
 
 
 @dataclass
@@ -155,6 +185,7 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
     probs = logits.softmax(1)
     loss = float(F.cross_entropy(logits, targets))
     confidence, predicted = probs.max(1)
+    model_names, model_predicted = names, predicted  # the wrong images name the class, even one counted as other
     if bundle.label_subset is not None:  # a few of many classes: tables of those, every other prediction "other"
         names, targets, predicted = _focus(names, bundle.label_subset, targets, predicted)
     k = len(names)
@@ -163,7 +194,8 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
     # Most confident first; the split order breaks ties so the pick is the same on every call.
     order = mistakes[torch.argsort(-confidence[mistakes], stable=True)][:wrong].tolist()
     dataset = bundle.eval_sets[split]  # indexed in the loader's (unshuffled) order
-    shown = [WrongImage(i, int(targets[i]), int(predicted[i]), float(confidence[i])) for i in order]
+    shown = [WrongImage(i, int(targets[i]), int(predicted[i]), float(confidence[i]), bundle.source(split, i),
+                        model_names[int(model_predicted[i])]) for i in order]
     images = torch.stack([dataset[i][0] for i in order]).float() if order else torch.zeros(0)
     return Evaluation(
         split=split,
@@ -180,6 +212,7 @@ def evaluate_run(run: LoadedRun, split: str = "test", wrong: int = DEFAULT_WRONG
         epoch=run.epoch,
         architecture=run.architecture,
         untrained=run.untrained,
+        data=str(bundle.folder) if bundle.folder is not None else "",
     )
 
 
@@ -198,6 +231,13 @@ def _focus(names: list[str], present: list[int], targets: Tensor, predicted: Ten
 # ----------------------------------------------------------------------------------- writing
 
 
+def _short_source(path: str) -> str:
+    """``daisy/img_3.jpg``: a caption under a small picture has room for the class folder and the
+    file name; metrics.json and the sidecar keep the whole path."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else path
+
+
 def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path | None = None, writer: Any = None) -> EvaluationPaths:
     """Write the files listed in the module docstring to ``out_dir`` (default ``RUN/evaluation``);
     with ``writer`` (a ``SummaryWriter``) also the pictures and scalars to TensorBoard."""
@@ -205,21 +245,22 @@ def write_evaluation(evaluation: Evaluation, run: LoadedRun, out_dir: str | Path
     out = Path(out_dir) if out_dir is not None else run.run_dir / EVALUATION_DIR
     names = ev.class_names
     where = run.label
-    common = {"split": ev.split, "checkpoint": ev.checkpoint, "epoch": ev.epoch, "untrained": ev.untrained,
+    common = {"split": ev.split, **({"data": ev.data} if ev.data else {}), "checkpoint": ev.checkpoint, "epoch": ev.epoch, "untrained": ev.untrained,
               "architecture": ev.architecture}
 
     # short title: the figure is sized by the class count and a long title would be cut off
-    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{ev.split} set, {plots.count(ev.count, 'image')}"
+    label = f"folder {ev.set_name}" if ev.data else f"{ev.split} set"
+    matrix_image = plots.confusion_matrix_image(ev.confusion, names, f"{label}, {plots.count(ev.count, 'image')}"
                                                 + (" · UNTRAINED" if ev.untrained else ""))
     confusion_png = plots.save_png(plots.tensor_to_png(matrix_image), out / EvaluationFiles.CONFUSION_MATRIX,
                                    {**common, "rows": "true class", "columns": "predicted class",
                                     "class_names": names, "counts": ev.confusion.tolist()})
     wrong_png = None
     if ev.confidently_wrong:
-        captions = [f"{ev.split} #{w.index}\n" + plots.format_caption(names[w.true], names[w.predicted], w.probability)
-                    for w in ev.confidently_wrong]
+        captions = [f"{_short_source(w.where) if w.source else f'{ev.split} #{w.index}'}\n"
+                    + plots.format_caption(names[w.true], ev.predicted_name(w), w.probability) for w in ev.confidently_wrong]
         title = (f"the {len(ev.confidently_wrong)} most confidently wrong of {ev.wrong_count} misclassified "
-                 f"{ev.split} images · {where}")
+                 f"{ev.images_text} · {where}")
         png = plots.image_grid_figure(ev.wrong_images, captions, title, mean=run.spec.mean, std=run.spec.std,
                                       columns=min(8, len(captions)), caption_colors=["#cf222e"] * len(captions))
         wrong_png = plots.save_png(png, out / EvaluationFiles.CONFIDENTLY_WRONG,
@@ -258,6 +299,7 @@ class EvaluateOutcome:
     run: LoadedRun | None = None  #: the run that was evaluated
     tensorboard: bool = False  #: whether pictures and scalars also went to TensorBoard
     embedding: Any = None  #: with ``embeddings``: the :class:`cnnvis.projector.Embedding` written
+    skipped_images: list[tuple[str, str]] = field(default_factory=list)  #: unreadable files of a --data folder
 
 
 def evaluate_command(
@@ -346,11 +388,12 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
     progress(f"evaluating the {split} split")
     evaluation = evaluate_run(run, split, wrong, bundle)
     files = write_evaluation(evaluation, run, out, writer)
-    outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None)
+    outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None,
+                              skipped_images=list(bundle.skipped))
     if explanations:
         report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress,
                                     **trust)
-        title = f"deletion and insertion on {report.images} {split} images · {run.label}"
+        title = f"deletion and insertion on {report.images} {evaluation.images_text} · {run.label}"
         outcome.faithfulness = report
         outcome.faithfulness_files = write_faithfulness(report, out, writer, run.epoch, title)
     if projector is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from cnnvis.data.images import find_images, load_rgb
+from cnnvis.data.images import describe_skipped, find_images, load_rgb
 from cnnvis.errors import DataError
 from cnnvis.run import LoadedRun
 
@@ -55,5 +55,5 @@ def file_images(run: LoadedRun, paths: Sequence[str | Path], crop: bool = True) 
         sources.append(str(path))
     if not tensors:
         raise DataError(f"none of the {len(found)} image file(s) could be read: "
-                        + "; ".join(f"{p} ({why})" for p, why in skipped[:5]))
+                        + describe_skipped(skipped, 5))
     return ImageBatch(torch.stack(tensors), None, sources, skipped, notes)

@@ -12,6 +12,7 @@ which command makes them. Nothing here prints and nothing is computed on a model
 from __future__ import annotations
 
 import base64
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -142,6 +143,22 @@ def _caption(png: Path, meta: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _model_flags(source: dict[str, Any], run: Path) -> str:
+    """MODEL and the options that put its outputs in ``run`` and name its classes, as the report's
+    hints must repeat them: ``--weights`` and ``--runs-dir`` choose the directory (a hint without
+    them writes where this report does not look), ``--classes`` the names a --data folder matches."""
+    weights = str(source.get("weights", ""))
+    flags = [str(source.get("model", "MODEL"))]
+    if weights not in ("", "DEFAULT", "pretrained"):
+        flags.append(f"--weights {'none' if weights == 'random' else shlex.quote(weights)}")
+    named_from = str(source.get("class_names_from", ""))
+    if named_from.startswith("--classes "):
+        flags.append(f"--classes {shlex.quote(named_from.removeprefix('--classes '))}")
+    if run.parent.resolve() != Path("runs").resolve():  # the default needs no flag
+        flags.append(f"--runs-dir {shlex.quote(str(run.parent))}")
+    return " ".join(flags)
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool) or value is None:
         return "–" if value is None else str(value)
@@ -164,9 +181,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, weights: st
     if not is_run_source(run_dir):
         found = output_dir(run_dir, weights, runs_dir)
         if not found.is_dir():
+            given = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
+                ("--weights", weights), ("--runs-dir", runs_dir if found.parent.resolve() != Path("runs").resolve() else None))
+                if value is not None)
             raise CheckpointError(f"no outputs of {run_dir} yet: {found} does not exist",
-                                  f"Run `cnnvis visualize {run_dir} --image FILE` or `cnnvis evaluate {run_dir} --data FOLDER` "
-                                  "first (with the same --weights and --runs-dir).")
+                                  f"Run `cnnvis visualize {run_dir}{given} --image FILE` or "
+                                  f"`cnnvis evaluate {run_dir}{given} --data FOLDER` first.")
         run_dir = found
     run = Path(run_dir)
     if run.is_file() and run.parent.name == CHECKPOINT_DIR:  # a checkpoint path names its run
@@ -213,7 +233,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, weights: st
                     (f"{final.get('test_split', 'test')} accuracy ({final.get('test_checkpoint', 'best')}.pt)", _percent(final.get("test_accuracy"))),
                     (f"{final.get('test_split', 'test')} loss", _fmt(final.get("test_loss")))]
     if evaluation:
-        split = evaluation.split
+        split = evaluation.set_name
         summary += [(f"{split} images evaluated", str(evaluation.count)),
                     (f"{split} macro F1", _fmt(evaluation.macro_f1)),
                     (f"{split} images misclassified", str(evaluation.wrong_count))]
@@ -260,13 +280,12 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, weights: st
     }
     visualize_hint, curves_missing = f"cnnvis visualize {run}", f"No finished epoch yet: {hints['Training curves']}"
     if library:  # the commands that fill a section name the model and its weights as they were given
-        weights = str(config.get("weights", "")) if isinstance(config, dict) else ""
-        name = (config.get("model", "MODEL") if isinstance(config, dict) else "MODEL") + (
-            f" --weights {'none' if weights == 'random' else weights}" if weights not in ("", "DEFAULT", "pretrained") else "")
+        name = _model_flags(config if isinstance(config, dict) else {}, run)
         visualize_hint, curves_missing = f"cnnvis visualize {name} --image FILE", "Not trained with cnnvis: no training curves"
+        folder = shlex.quote(evaluation.data) if evaluation and evaluation.data else "FOLDER"  # the one evaluated on
         hints = {"Training curves": "a model not trained with cnnvis has none",
                  "Evaluation": f"cnnvis evaluate {name} --data FOLDER",
-                 "Which map can I trust?": f"cnnvis evaluate {name} --data FOLDER --explanations",
+                 "Which map can I trust?": f"cnnvis evaluate {name} --data {folder} --explanations",
                  "Visualizations": visualize_hint}
     missing = [(name, hints[name]) for name, present in sections.items() if not present]
 

@@ -80,6 +80,10 @@ class DataBundle:
     #: the model classes the data has, when it has only some of them (a labelled folder of a few
     #: ImageNet classes): evaluation tables show these and "other"
     label_subset: list[int] | None = None
+    #: a labelled folder given as ``--data``: its path (what outputs name the images by, not "test")
+    #: and each evaluation split's image files, in the split's order
+    folder: Path | None = None
+    files: dict[str, list[str]] = field(repr=False, default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +93,12 @@ class DataBundle:
         """The batches of an evaluation split (``val`` or ``test``)."""
         check_split(split)
         return self.val if split == "val" else self.test
+
+    def source(self, split: str, index: int) -> str:
+        """Where image ``index`` of ``split`` came from: its file where the bundle lists them (a
+        labelled folder), else ``"test #index"``."""
+        files = self.files.get(split)
+        return files[index] if files is not None else f"{split} #{index}"
 
     def fixed_batch(self, split: str, count: int) -> FixedImages:
         """``count`` evaluation images spread evenly over the split: the same ones every call."""
@@ -100,7 +110,7 @@ class DataBundle:
         step = max(len(dataset) // count, 1)
         items = [dataset[i * step] for i in range(count)]
         return FixedImages(torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items]),
-                           [f"{split} #{i * step}" for i in range(count)])
+                           [self.source(split, i * step) for i in range(count)])
 
     def check_fits(self, class_names: Sequence[str], checkpoint: object,
                    hint: str = "Use the data the run was trained on.") -> None:

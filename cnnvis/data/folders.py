@@ -280,7 +280,7 @@ def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, b
     model that was not trained here (``spec``: its classes and channels; ``transform``: its
     preprocessing; ``aliases``: the full class names, when they list aliases). Sub-folders are matched to the model's ``class_names`` by name
     (case-insensitive, ``_`` as a space, any ImageNet alias); they may be a subset of them."""
-    from cnnvis.classnames import match_class
+    from cnnvis.classnames import match_class, numbered
     from cnnvis.errors import ConfigError
 
     class_names = list(aliases) if aliases is not None else spec.class_names
@@ -295,10 +295,18 @@ def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, b
         try:
             labels[name] = match_class(name, class_names, what="class folder")
         except ConfigError as exc:
-            unknown.append(f"{name} ({exc.hint})" if exc.hint and "Nearest" in exc.hint else name)
+            near = exc.hint.removeprefix("Nearest: ").rstrip(".") if exc.hint and exc.hint.startswith("Nearest") else ""
+            unknown.append(f"{name} (nearest: {near})" if near else name)
     if unknown:
-        raise DataError(f"{root}: {len(unknown)} class folder(s) name no class of the model: {'; '.join(unknown[:5])}",
-                        "Name each sub-folder after one of the model's classes (see --classes).")
+        # an error, not a skip: a silently dropped folder would make the accuracy look measured on all of them
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        fix = (f"The model's classes are numbered 0..{len(class_names) - 1} (no names known): pass --classes FILE "
+               "(its class names, one a line, in output order), or name the sub-folders by class index."
+               if numbered(class_names) else
+               "Rename each such sub-folder after one of the model's classes, or pass --classes FILE if the "
+               "model's classes have other names.")
+        raise DataError(f"{root}: {len(unknown)} class folder(s) name no class of the model: "
+                        f"{'; '.join(unknown[:5])}{more}", fix)
     candidates = [(str(p), labels[name]) for name in subfolders for p in sorted((root / name).rglob("*"))
                   if p.is_file() and not p.name.startswith(".")]
     good, skipped = check_images([p for p, _ in candidates])
@@ -311,4 +319,5 @@ def labelled_folder(folder: str | Path, spec: ImageSpec, transform: T.Compose, b
     present = sorted(set(labels.values()))
     return DataBundle(train=loader, val=loader, test=loader, spec=spec, sizes={"train": 0, "val": len(images), "test": len(images)},
                       eval_sets={"val": images, "test": images}, skipped=skipped, root=root, pipeline="decoded per batch",
-                      label_subset=present if len(present) < len(class_names) else None)
+                      label_subset=present if len(present) < len(class_names) else None, folder=root,
+                      files={split: [p for p, _ in samples] for split in ("val", "test")})

@@ -107,7 +107,16 @@ def check_image(path: str | Path) -> str | None:
     except UnidentifiedImageError:
         return "not an image" if Path(path).stat().st_size else "empty file"
     except (OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable ({exc})" if str(exc) else "unreadable"
+        # one clause ("unreadable: image file is truncated (26 bytes not processed)"): PIL's own
+        # message often ends in parentheses, and callers list files as "path: reason"
+        return f"unreadable: {exc}" if str(exc) else "unreadable"
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    """``"a.png: not an image; b.jpg: unreadable: ..."``: skipped files with their reasons, for one
+    warning line; past ``limit`` files, how many more."""
+    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:limit])
+    return shown + (f" and {len(skipped) - limit} more" if len(skipped) > limit else "")
 
 
 def check_images(paths: Sequence[str], workers: int = 4) -> tuple[list[str], list[tuple[str, str]]]:

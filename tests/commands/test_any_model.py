@@ -87,7 +87,11 @@ def test_torchvision_random_weights_say_so_and_write_a_run_like_directory(tmp_pa
     # report reads the run-like directory by the same MODEL and --weights
     out = cli("report", "torchvision:resnet18", "--weights", "none", "--runs-dir", tmp_path, code=0)
     html = (run / "report.html").read_text()
-    assert "torchvision:resnet18" in html and "saliency" in html and "--data FOLDER" in out
+    assert "torchvision:resnet18" in html and "saliency" in html
+    # the hints name the --runs-dir the outputs are in: following them fills this report
+    assert f"cnnvis evaluate torchvision:resnet18 --weights none --runs-dir {tmp_path} --data FOLDER" in out
+    assert f"cnnvis evaluate torchvision:resnet18 --weights none --runs-dir {tmp_path} --data FOLDER --explanations" in out
+    assert f"--runs-dir {tmp_path} --data FOLDER" in html
 
 
 def test_weights_file_names_the_classes_and_explains_them_by_name(tmp_path: Path, photos: Path, resnet_file: Path) -> None:
@@ -148,7 +152,7 @@ def test_preprocessing_and_class_names_come_from_the_weights(tmp_path: Path, pho
 def test_folder_and_glob_intake_skip_the_unreadable_file(tmp_path: Path, photos: Path) -> None:
     out = cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", photos,
               "-m", "saliency", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
-    assert "3 images" in out and "skipped 1 unreadable image(s)" in out and "broken.png (not an image)" in out
+    assert "3 images" in out and "skipped 1 unreadable image(s)" in out and "broken.png: not an image" in out
     meta = _sidecar(tmp_path / "torchvision-resnet18-random" / "visualizations" / "saliency" / "saliency.png")
     assert meta["images"] == [str(photos / "tall.jpg"), str(photos / "wide.png")]  # sorted, the broken one left out
     out = cli("visualize", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--image", f"{photos}/*.png",
@@ -317,3 +321,76 @@ def test_a_run_takes_folders_and_no_crop_through_the_same_image_path(run_copy: P
     cropped, whole = file_images(run, [photos / "wide.png"]).images, file_images(run, [photos / "wide.png"], crop=False).images
     assert cropped.shape == whole.shape == (1, 3, run.spec.image_size, run.spec.image_size)
     assert not torch.allclose(cropped, whole, atol=0.1)
+
+
+def test_a_weights_file_with_the_imagenet_head_is_explained_by_imagenet_names(tmp_path: Path, photos: Path,
+                                                                             resnet_file: Path) -> None:
+    weights = tmp_path / "r18.pth"  # random, but with the 1000 outputs of the default weights
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    out = cli("visualize", "torchvision:resnet18", "--weights", weights, "--size", SIZE, "--image", photos / "wide.png",
+              "-m", "saliency", "--target", "daisy", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
+    assert "note: class names: ImageNet-1k's, from torchvision's resnet18 weights metadata; --classes FILE to change" in out
+    meta = _sidecar(tmp_path / "torchvision-resnet18-r18" / "visualizations" / "saliency" / "saliency.png")
+    assert meta["targets"] == ["daisy"]
+    # a fine-tuned head of 5 classes is not ImageNet's: numbered, and the error says how to name them
+    out = cli("visualize", "torchvision:resnet18", "--weights", resnet_file, "--size", SIZE, "--image", photos / "wide.png",
+              "-m", "saliency", "--target", "daisy", "--runs-dir", tmp_path, code=2)
+    assert out.endswith("error: --target 'daisy': not pred, true, a class index or a class name. The model's classes "
+                        "are numbered 0..4 (no names known): give a class index, or name them with --classes FILE.")
+
+
+def _biased_weights(path: Path, favourite: int) -> Path:
+    """A 5-class resnet18 that predicts ``favourite`` for every image (zero head weights, one bias)."""
+    model = torchvision.models.resnet18(num_classes=5)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.nn.functional.one_hot(torch.tensor(favourite), 5).float() * 10)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_evaluate_on_a_folder_names_the_wrong_files_and_what_was_predicted(tmp_path: Path) -> None:
+    classes = tmp_path / "classes.txt"
+    classes.write_text("tench\ngolden retriever\nheron\nstork\ngoldfish\n")
+    weights = _biased_weights(tmp_path / "stork.pth", favourite=3)  # "stork": not a class of the folder
+    data = tmp_path / "labelled"
+    for name in ("golden_retriever", "Tench"):
+        (data / name).mkdir(parents=True)
+        for i in range(2):
+            _picture(data / name / f"{i}.png", 50, 40, seed=i)
+    (data / "Tench" / "broken.png").write_bytes(b"not an image")
+    out = cli("evaluate", "torchvision:resnet18", "--weights", weights, "--classes", classes, "--size", SIZE,
+              "--data", data, "--runs-dir", tmp_path, "--wrong", 2, "--no-tensorboard", code=0)
+    assert "broken.png: not an image" in out  # the unreadable file is said, not silently dropped
+    assert "labelled: accuracy 0.00% (0/4)" in out and "(tench → stork 100%)" in out and "→ other" not in out
+    evaluation = tmp_path / "torchvision-resnet18-stork" / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["data"] == str(data) and metrics["class_names"] == ["tench", "golden retriever", "other"]
+    # the per-class table counts the prediction as other; the wrong images name the file and the class
+    assert [c["predicted"] for c in metrics["per_class"]] == [0, 0, 4]
+    assert metrics["confidently_wrong"] == [
+        {"image": str(data / "Tench" / f"{i}.png"), "index": i, "true": "tench", "predicted": "stork",
+         "probability": pytest.approx(1.0, abs=1e-3)} for i in range(2)]
+    assert _sidecar(evaluation / "confidently_wrong.png")["images"][0]["image"] == str(data / "Tench" / "0.png")
+    # the report shows the folder, not a "test" split, and its hints repeat --weights, --classes and --runs-dir
+    out = cli("report", "torchvision:resnet18", "--weights", weights, "--runs-dir", tmp_path, code=0)
+    html = (tmp_path / "torchvision-resnet18-stork" / "report.html").read_text()
+    assert f"folder {data}, 4 images" in html and "labelled images evaluated" in html
+    assert (f"cnnvis evaluate torchvision:resnet18 --weights {weights} --classes {classes} --runs-dir {tmp_path} "
+            f"--data {data} --explanations") in out
+
+
+def test_folders_that_name_no_class_say_how_to_fix_them(tmp_path: Path, resnet_file: Path) -> None:
+    data = tmp_path / "labelled"
+    for name in ("daisy", "stupas"):
+        (data / name).mkdir(parents=True)
+        _picture(data / name / "0.png", 40, 40)
+    out = cli("evaluate", "torchvision:resnet18", "--weights", "none", "--size", SIZE, "--data", data,
+              "--runs-dir", tmp_path, code=2)
+    assert out.endswith(f"error: {data}: 1 class folder(s) name no class of the model: stupas (nearest: stupa). "
+                        "Rename each such sub-folder after one of the model's classes, or pass --classes FILE if "
+                        "the model's classes have other names.")
+    out = cli("evaluate", "torchvision:resnet18", "--weights", resnet_file, "--size", SIZE, "--data", data,
+              "--runs-dir", tmp_path, code=2)
+    assert "2 class folder(s) name no class of the model: daisy; stupas" in out
+    assert "The model's classes are numbered 0..4 (no names known): pass --classes FILE" in out

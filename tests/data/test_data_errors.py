@@ -135,6 +135,8 @@ def test_image_folder_odd_files_are_skipped_and_listed_and_training_goes_on(tmp_
     out = cli("train", config, "--runs-dir", tmp_path / "runs", code=0)
     assert f"warning: skipped {len(bad)} unreadable image(s)" in out
     assert all(path in out for path in bad)
+    # each file's reason is one clause after "path: ", nothing nested in parentheses
+    assert f"{folder}/class_0/truncated.jpg: unreadable: image file is truncated (" in out and "))" not in out
     splits, _, skipped = imagefolder_samples(build_config(yaml.safe_load(config.read_text())))
     used = {p for split in splits.values() for p, _ in split}
     assert set(fine) <= used and not used & set(bad)
