@@ -43,7 +43,7 @@ err_console = Console(stderr=True)
 
 #: the library names parameters; on the command line they are these flags
 FLAGS = {"split": "--split", "target": "--target", "device": "--device", "images": "--images", "wrong": "--wrong",
-         "method": "-m", "mean": "--mean", "std": "--std", "size": "--size"}
+         "method": "-m", "mean": "--mean", "std": "--std", "size": "--size", "param": "--param"}
 
 
 def print_notes(notes: list[str]) -> None:

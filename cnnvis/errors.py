@@ -70,3 +70,12 @@ class UnknownMethodError(VisError):
 class VisWarning(UserWarning):
     """A visualisation ran, but not quite as the method's name promises (e.g. guided backprop
     that had to leave some activations with the plain gradient); the message says where."""
+
+
+def did_you_mean(name: str, choices: list[str], n: int = 5) -> str:
+    """``"did you mean a, b? "`` for the valid names closest to a mistyped ``name``, else ``""``:
+    what an unknown layer, method or choice says before listing the valid ones."""
+    import difflib  # only when a message is being written
+
+    near = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    return f"did you mean {', '.join(near)}? " if near else ""

@@ -10,6 +10,8 @@ MODEL is one of
 * a ``torch.export`` program (``.pt2``), unflattened so that its submodules keep their original
   names and run as modules: forward hooks fire, so layer methods work; methods that need module
   types (``nn.Conv2d`` filters, ``nn.ReLU`` for guided backprop, ``nn.Linear`` for CAM) do not;
+  maximize and deepdream, which feed it other image sizes, need it exported with a dynamic height
+  and width (:data:`DYNAMIC_EXPORT`), else they are skipped with one line;
 * a TorchScript file (``torch.jit.load``, deprecated by torch): only methods that need no hooks.
 
 Preprocessing and class names come with the model where it knows them (named weights); options
@@ -63,6 +65,20 @@ EXPORT_UNSUPPORTED: tuple[str, ...] = ("filters", "cam", "fullgrad", "guided-gra
 #: a TorchScript program cannot be hooked: only methods that need nothing but inputs and outputs
 TORCHSCRIPT_METHODS: tuple[str, ...] = ("occlusion", "saliency", "input-x-gradient", "smoothgrad", "smoothgrad-sq",
                                         "vargrad", "integrated-gradients")
+#: methods that can feed the model images of another size than the ones explained, and how: a .pt2
+#: exported with a static height and width refuses those inputs (aug_smooth only flips and scales pixel
+#: values; occlusion and the noise tunnels keep the size). Whether they do depends on the image and the
+#: parameters (maximize's pixel recipe below 64 px keeps the size, deepdream on a small image has one
+#: octave), so the program's refusal itself is what skips them: see ModelOrigin.refused_input.
+RESIZING_METHODS: dict[str, str] = {
+    "maximize": "renders on a padded canvas larger than the images",
+    "deepdream": "runs its octaves on smaller copies of the images",
+}
+#: how to export a program every method can run on; the README says the same
+DYNAMIC_EXPORT = ('torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch"), '
+                  '2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},))')
+#: torch's guard on a program's input ("Expected input at *args[0].shape[2] to be equal to 224, but got 252")
+_SHAPE_GUARD = re.compile(r"Expected input at \S*shape\[(\d+)\] to be (.+?), but got (\d+)")
 _PROGRAM_LIMITS = {
     "export": "a torch.export program keeps no nn.Conv2d / nn.ReLU / nn.Linear modules",
     "torchscript": "a TorchScript program cannot be hooked (use a .pt2 from torch.export for layer methods)",
@@ -82,6 +98,7 @@ class ModelOrigin:
     notes: list[str] = field(default_factory=list)  #: one line each, printed by the CLI
     data: Path | None = None  #: a labelled image folder to evaluate on
     aliases: list[str] | None = None  #: the full class names (``"tench, Tinca tinca"``) when they list aliases
+    fixed_size: tuple[int, int] | None = None  #: a .pt2's only height x width, when it was exported static
 
     @property
     def label(self) -> str:
@@ -100,6 +117,21 @@ class ModelOrigin:
         if self.kind == "torchscript" and method not in TORCHSCRIPT_METHODS:
             return f"{_PROGRAM_LIMITS[self.kind]}; methods that work: {', '.join(TORCHSCRIPT_METHODS)}"
         return None
+
+    def refused_input(self, method: str, error: BaseException) -> str | None:
+        """Why a .pt2 refused an input ``method`` fed it (a size it was not exported for), in one
+        line; None for every other error, which is a bug and must surface."""
+        found = _SHAPE_GUARD.search(str(error)) if self.kind == "export" and isinstance(error, RuntimeError) else None
+        if found is None:
+            return None
+        what = {"0": "batch size", "2": "height", "3": "width"}.get(found[1], f"dimension {found[1]}")
+        how = RESIZING_METHODS.get(method, "feeds it another size")
+        if self.fixed_size is not None and found[1] in ("2", "3"):
+            h, w = self.fixed_size
+            return (f"the program was exported for {h}x{w} images only, and {method} {how} "
+                    f"(an input of {what} {found[3]}); export it with a dynamic height and width: {DYNAMIC_EXPORT}")
+        return (f"the program refuses an input of {what} {found[3]} (it must be {found[2]}), and {method} {how}; "
+                f"export it with a dynamic height and width, without bounds that exclude it: {DYNAMIC_EXPORT}")
 
     def to_dict(self, spec: ImageSpec) -> dict[str, Any]:
         p = self.preprocessing
@@ -348,7 +380,7 @@ def load_source(
     spec = ImageSpec(tuple(names), preprocessing.mean, preprocessing.std, channels, preprocessing.crop[0])
     origin = ModelOrigin(kind, name, zoo.weights if library is not None else None, library is not None and zoo.random,
                          preprocessing, named_from, notes, Path(data).expanduser() if data is not None else None,
-                         aliases)
+                         aliases, fixed if kind == "export" else None)
     run_dir = output_dir(text, weights, runs_dir)
     model = model.to(device).eval()
     return LoadedRun(model=model, config=None, spec=spec, run_dir=run_dir, checkpoint=None, epoch=0,

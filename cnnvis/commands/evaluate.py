@@ -48,6 +48,7 @@ from cnnvis.run import EVALUATION_DIR, EvaluationFiles, LoadedRun
 from cnnvis.sources import load_source, write_source_file
 from cnnvis.training.loop import predict_split
 from cnnvis.vis.hooks import get_layer
+from cnnvis.vis.registry import get_method
 
 DEFAULT_WRONG = 16  #: confidently wrong images shown
 
@@ -373,14 +374,15 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
         if trust["sensitivity_samples"] < 0:
             raise ConfigError(f"sensitivity samples {trust['sensitivity_samples']}: give 0 (off) or more",
                               parameter="sensitivity_samples")
+        for name in methods or []:
+            if name != ALL_METHODS and name not in heatmap_methods():
+                get_method(name)  # a mistyped name: one line with the nearest names, as in visualize
+                raise ConfigError(f"method {name}: not a heatmap method; the faithfulness checks apply to: "
+                                  f"{', '.join(heatmap_methods())}", parameter="method")
         if not methods:  # as visualize: every heatmap method but the slow ones; "all": every one
             methods = [m for m in heatmap_methods() if m not in SLOW_METHODS]
         elif ALL_METHODS in methods:
             methods = heatmap_methods()
-        for name in methods:
-            if name not in heatmap_methods():
-                raise ConfigError(f"method {name}: not a heatmap method; the faithfulness checks apply to: "
-                                  f"{', '.join(heatmap_methods())}", parameter="method")
         if layer is not None:
             get_layer(run.model, layer)
     progress("reading the data")

@@ -176,6 +176,11 @@ class Visualizer:
             except UnsupportedModelError as exc:
                 self.result.skipped.append(Skipped(name, str(exc)))
                 unsupported.append(exc)
+            except RuntimeError as exc:  # only a .pt2 refusing an input size is a skip; anything else is a bug
+                refused = self.run.origin.refused_input(name, exc) if self.run.origin is not None else None
+                if refused is None:
+                    raise
+                self.result.skipped.append(Skipped(name, refused))
             except KeyboardInterrupt:  # keep what is drawn; say what is not
                 self.result.interrupted, self.result.not_run = name, names[index + 1:]
                 break

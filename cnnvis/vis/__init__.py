@@ -8,6 +8,7 @@ The user's model is never changed: train/eval flags, ``requires_grad`` and hooks
 Where things are:
 
 * ``registry.py``   -- ``METHODS`` (name -> :class:`MethodSpec`) and ``run_method(name, model, images, targets, layer, **params)``
+* ``params.py``     -- parameters given as text (``--param``) checked against, and converted to, each method's types
 * ``hooks.py``      -- the shared helper: ``capture`` (forward hooks + gradients), ``model_state``,
   ``get_layer`` / ``default_layer`` (found by a probing forward pass) / ``layer_names``, ``resolve_targets``
 * ``layouts.py``    -- how a layer's output reads as ``[N, C, h, w]``: transformer tokens on their patch

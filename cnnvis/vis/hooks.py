@@ -15,7 +15,6 @@ user's parameters are never written.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,12 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils.hooks import RemovableHandle
 
 from cnnvis.device import eval_mode
-from cnnvis.errors import LayerNotFoundError, UnsupportedModelError, VisError
+from cnnvis.errors import (
+    LayerNotFoundError,
+    UnsupportedModelError,
+    VisError,
+    did_you_mean,
+)
 from cnnvis.vis.layer_rule import Call, choose_layer
 from cnnvis.vis.layouts import Layout, infer_layout
 
@@ -64,9 +68,8 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         names = layer_names(model)
-        near = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        guess = f"did you mean {', '.join(near)}? " if near else ""
-        raise LayerNotFoundError(f"no layer {name!r} in {type(model).__name__}; {guess}{_listing(names)}") from None
+        raise LayerNotFoundError(f"no layer {name!r} in {type(model).__name__}; {did_you_mean(name, names)}"
+                                 f"{_listing(names)}") from None
 
 
 def _listing(names: list[str]) -> str:

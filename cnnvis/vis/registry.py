@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnvis.catalog import METHOD_NAMES
-from cnnvis.errors import UnknownMethodError, VisError
+from cnnvis.errors import UnknownMethodError, VisError, did_you_mean
 from cnnvis.vis.ablationcam import ablationcam
 from cnnvis.vis.activations import activations
 from cnnvis.vis.cam import cam
@@ -39,6 +39,7 @@ from cnnvis.vis.maps import NormalizeMode
 from cnnvis.vis.maximize import maximize
 from cnnvis.vis.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from cnnvis.vis.occlusion import occlusion, occlusion_maps
+from cnnvis.vis.params import convert
 from cnnvis.vis.saliency import saliency
 from cnnvis.vis.scorecam import scorecam
 from cnnvis.vis.xgradcam import xgradcam
@@ -190,20 +191,26 @@ def get_method(name: str) -> MethodSpec:
     try:
         return METHODS[name]
     except KeyError:
-        raise UnknownMethodError(f"unknown visualisation method {name!r}; choose one of: {', '.join(METHODS)}") from None
+        raise UnknownMethodError(f"unknown visualisation method {name!r}; {did_you_mean(str(name), list(METHODS), 3)}"
+                                 f"choose one of: {', '.join(METHODS)}") from None
 
 
 def split_params(names: Sequence[str], params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``params`` handed to each of ``names`` that takes them (``aug_smooth`` to every CAM method,
     ``over`` to the noise tunnels, ``samples`` to every sampling method); a parameter none of them takes
-    is an error naming the methods that would."""
-    per_method = {name: {k: v for k, v in params.items() if k in get_method(name).defaults} for name in names}
-    for key in params:
-        if not any(key in taken for taken in per_method.values()):
-            takers = [n for n, spec in METHODS.items() if key in spec.defaults]
-            where = f"it is a parameter of {', '.join(takers)}" if takers else "no method takes it"
+    is an error naming the methods that would. Each value is checked against, and converted to, the
+    type the method's function declares (:func:`cnnvis.vis.params.convert`): ``aug_smooth="maybe"`` is
+    an error, ``aug_smooth=1`` is ``True``."""
+    per_method: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for key, value in params.items():
+        takers = [(n, get_method(n).function, get_method(n).defaults[key]) for n in names if key in get_method(n).defaults]
+        if not takers:
+            known = [n for n, spec in METHODS.items() if key in spec.defaults]
+            where = f"it is a parameter of {', '.join(known)}" if known else "no method takes it"
             raise VisError(f"parameter {key!r} applies to none of the methods drawn ({', '.join(names)}); {where}",
                            parameter="param")
+        for name, fitted in convert(key, value, takers).items():
+            per_method[name][key] = fitted
     return per_method
 
 

@@ -219,6 +219,60 @@ def test_pt2_program_runs_layer_methods_and_skips_the_others(tmp_path: Path, pho
     assert "features.3" in out and "fc" in out
 
 
+def _export(path: Path, size: int, height: object = None, width: object = None) -> Path:
+    dims = {0: torch.export.Dim("batch"), **({2: height, 3: width} if height is not None else {})}
+    torch.export.save(torch.export.export(Tiny().eval(), (torch.randn(2, 3, size, size),), dynamic_shapes=(dims,)), path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["static", "bounded"])
+def test_pt2_without_room_for_other_sizes_skips_maximize_and_deepdream_with_one_line(
+        tmp_path: Path, photos: Path, kind: str) -> None:
+    # at 64 px maximize renders on a padded canvas and deepdream adds 46 and 33 px octaves: sizes a static program
+    # refuses; bounds of 16..64 px refuse the canvas only
+    height = width = None if kind == "static" else torch.export.Dim("side", min=16, max=64)
+    program = _export(tmp_path / f"{kind}.pt2", 64, height, width)
+    out = cli("visualize", program, "--image", photos / "wide.png", "--size", 64, "-m", "maximize", "-m", "deepdream",
+              "-m", "gradcam", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
+    folder = tmp_path / f"{kind}-pt2" / "visualizations"
+    assert list((folder / "gradcam").glob("*.png"))  # the other methods still run
+    if kind == "static":
+        assert ("skipped maximize: the program was exported for 64x64 images only, and maximize renders on a padded "
+                "canvas larger than the images (an input of height ") in out
+        assert ("skipped deepdream: the program was exported for 64x64 images only, and deepdream runs its octaves on "
+                "smaller copies of the images (an input of height 33)") in out
+    else:
+        assert "skipped maximize: the program refuses an input of height 72 (it must be <= 64), and maximize " in out
+        assert "skipped deepdream" not in out and list((folder / "deepdream").glob("*.png"))  # its octaves fit
+    assert 'export it with a dynamic height and width' in out and "torch.export.Dim.AUTO" in out
+    assert not (folder / "maximize").exists()
+
+
+def test_pt2_with_dynamic_height_and_width_runs_maximize_and_deepdream(tmp_path: Path, photos: Path) -> None:
+    program = _export(tmp_path / "dynamic.pt2", 64, torch.export.Dim.AUTO, torch.export.Dim.AUTO)
+    out = cli("visualize", program, "--image", photos / "wide.png", "--size", 64, "-m", "maximize", "-m", "deepdream",
+              "-p", "steps=2", "--runs-dir", tmp_path, "--no-tensorboard", code=0)
+    assert "skipped" not in out
+    folder = tmp_path / "dynamic-pt2" / "visualizations"
+    dream = _sidecar(next((folder / "deepdream").glob("*.png")))
+    assert dream["octave_sizes"] == [[64, 64], [46, 46], [33, 33]]  # each octave ran on the program
+    drawn = _sidecar(next((folder / "maximize").glob("*.png")))
+    assert drawn["parameters"]["recipe"]["param"] == "fourier"  # 64 px: the padded, transformed recipe
+
+
+def test_only_a_programs_refused_input_is_a_skip_other_errors_surface(tmp_path: Path, photos: Path, exported: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cnnvis.commands import visualize as visualize_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x8 and 9x5)")  # a bug, not a refused size
+
+    monkeypatch.setattr(visualize_module, "run_method", broken)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        visualize_module.visualize_command(exported, methods=["gradcam"], files=[photos / "wide.png"],
+                                           model_options={"runs_dir": tmp_path})
+
+
 def test_torchscript_file_is_loaded_with_a_deprecation_warning(tmp_path: Path, photos: Path) -> None:
     path = tmp_path / "resnet.ts"
     try:

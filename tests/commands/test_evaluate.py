@@ -130,7 +130,9 @@ def test_evaluate_without_explanations_and_bad_options(run, tmp_path):
     assert "which map" not in out
     bad = invoke(run, "--explanations", "-m", "maximize", code=2)
     assert "not a heatmap method" in bad and "gradcam" in bad
-    assert "not a heatmap method" in invoke(run, "--explanations", "-m", "nope", code=2)
+    assert "unknown visualisation method 'nope'; choose one of" in invoke(run, "--explanations", "-m", "nope", code=2)
+    assert "unknown visualisation method 'gradcm'; did you mean gradcam" in invoke(run, "--explanations", "-m", "gradcm",
+                                                                                  code=2)
     assert "layer" in invoke(run, "--explanations", "--layer", "features.99", code=2)
     assert not (run / "evaluation").exists(), "a bad option must fail before anything is written"
     assert "no such run" in invoke(tmp_path / "missing", code=2)

@@ -178,7 +178,10 @@ def test_bad_requests_get_one_line(run, tmp_path):
     out = invoke(run, "--layer", "features.99", code=2)
     assert "no layer 'features.99'" in out and "features.13" in out and "fc" in out
     out = invoke(run, "--method", "gradcamm", code=2)
-    assert "error: unknown visualisation method 'gradcamm'; choose one of: activations, filters" in out and "gradcam++" in out
+    assert "error: unknown visualisation method 'gradcamm'; did you mean gradcam" in out
+    assert "choose one of: activations, filters" in out and "gradcam++" in out
+    out = invoke(run, "--method", "gradcm", code=2)
+    assert "did you mean gradcam, xgradcam, gradcam++? choose one of" in out
     out = invoke(run, "--target", "tulip", code=2)
     assert "not pred, true, a class index or a class name" in out and "left, middle, right" in out
     out = invoke(run, "--target", "7", code=2)
@@ -393,3 +396,19 @@ def test_param_reaches_every_method_that_takes_it_and_nothing_else(run, tmp_path
     text = invoke(run, "--images", "2", "--no-tensorboard", "--out", out, "-m", "saliency", "-p", "aug_smooth=1", code=2)
     assert "parameter 'aug_smooth' applies to none of the methods drawn (saliency); it is a parameter of cam" in text
     assert "expected key=value, e.g. --param aug_smooth=true" in invoke(run, "-m", "saliency", "-p", "samples", code=2)
+
+
+def test_param_values_must_fit_the_method_and_are_stored_as_its_type(run, tmp_path):
+    out = tmp_path / "typed"
+    text = invoke(run, "-m", "gradcam", "-m", "layercam", "-p", "aug_smooth=maybe", "--out", out, code=2)
+    assert "error: --param aug_smooth=maybe: gradcam, layercam take true or false (1 or 0 work too), " \
+           "e.g. aug_smooth=true" in text
+    assert "e.g. relu=false" in invoke(run, "-m", "gradcam", "-p", "relu=maybe", "--out", out, code=2)
+    text = invoke(run, "-m", "vargrad", "-p", "over=guided", "--out", out, code=2)
+    assert "--param over=guided: vargrad takes one of saliency" in text and "(did you mean guided-backprop?)" in text
+    assert "--param samples=many: vargrad takes a whole number, e.g. samples=25" in invoke(
+        run, "-m", "vargrad", "-p", "samples=many", "--out", out, code=2)
+    assert not out.exists(), "a bad value must fail before anything is drawn"
+    invoke(run, "-m", "gradcam", "-p", "aug_smooth=0", "-p", "relu=1", "--images", "2", "--no-tensorboard", "--out", out)
+    parameters = sidecar(next((out / "gradcam").glob("*.png")))["parameters"]
+    assert parameters["aug_smooth"] is False and parameters["relu"] is True  # stored as the bools they mean
