@@ -30,6 +30,15 @@ def activations(model: nn.Module, images: Tensor, layers: str | Sequence[str] | 
         return {name: cap.value(name) for name in names}
 
 
+def _is_conv(module: nn.Module) -> bool:
+    """A 2-D convolution, or what is left of one in a ``torch.export`` program (a leaf module whose
+    ``weight`` is 4-D): the program keeps the module tree but not the module types."""
+    if isinstance(module, nn.Conv2d):
+        return True
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() == 4 and not any(True for _ in module.children())
+
+
 def _after_elementwise(items: list[tuple[str, nn.Module]], i: int) -> str:
     """The last of the element-wise modules (BatchNorm, ReLU ...) right after ``items[i]``, looking
     past a pooling layer that sits between the conv and them (conv, pool, BN, ReLU)."""
@@ -51,12 +60,12 @@ def stage_layers(model: nn.Module, limit: int = 8, *, images: Tensor | None = No
     names: list[str] = []
     children = list(model.named_children())
     for i, (child_name, child) in enumerate(children):
-        if isinstance(child, nn.Conv2d):
+        if _is_conv(child):
             names.append(_after_elementwise(children, i))
         elif isinstance(child, nn.Sequential) and all(len(list(m.children())) == 0 for m in child):
             items = list(child.named_children())
-            names += [f"{child_name}.{_after_elementwise(items, j)}" for j, (_, m) in enumerate(items) if isinstance(m, nn.Conv2d)]
-        elif any(isinstance(m, nn.Conv2d) for m in child.modules()):
+            names += [f"{child_name}.{_after_elementwise(items, j)}" for j, (_, m) in enumerate(items) if _is_conv(m)]
+        elif any(_is_conv(m) for m in child.modules()):
             names.append(child_name)
     last = default_layer(model, images)
     if not any(last == n or last.startswith(n + ".") for n in names):

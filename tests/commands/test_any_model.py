@@ -219,6 +219,25 @@ def test_pt2_program_runs_layer_methods_and_skips_the_others(tmp_path: Path, pho
     assert "features.3" in out and "fc" in out
 
 
+def test_pt2_activations_show_every_stage_though_the_program_lost_its_module_types(tmp_path: Path) -> None:
+    from cnnvis.sources import load_source
+    from cnnvis.vis.activations import stage_layers
+
+    nn = torch.nn
+    staged = nn.Sequential()
+    staged.add_module("stem", nn.Conv2d(3, 4, 3, padding=1))
+    staged.add_module("stage1", nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+    staged.add_module("stage2", nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU()))
+    staged.add_module("pool", nn.AdaptiveAvgPool2d(1))
+    staged.add_module("flat", nn.Flatten())
+    staged.add_module("fc", nn.Linear(8, 3))
+    images = torch.randn(2, 3, SIZE, SIZE)
+    path = tmp_path / "staged.pt2"
+    torch.export.save(torch.export.export(staged.eval(), (images,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    program = load_source(path).model
+    assert stage_layers(program, images=images) == ["stem", "stage1", "stage2"]  # not only the default layer
+
+
 def _export(path: Path, size: int, height: object = None, width: object = None) -> Path:
     dims = {0: torch.export.Dim("batch"), **({2: height, 3: width} if height is not None else {})}
     torch.export.save(torch.export.export(Tiny().eval(), (torch.randn(2, 3, size, size),), dynamic_shapes=(dims,)), path)
