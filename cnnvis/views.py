@@ -282,8 +282,9 @@ def layer_table(result: ModelSummary, title: str, depth: int = 0, width: int | N
         notes.append(f"{', '.join(kinds)}: no single tensor out, so not usable as --layer (take the block around it)")
     hidden = [r.name for r in result if not r.executed]
     if hidden:
-        notes.append(f"not listed: {len(hidden)} module(s) that never ran because their parent uses their weights, "
-                     f"such as {hidden[0]}")
+        notes.append(f"not listed: {len(hidden)} module(s) that did not run in this forward pass (an attention's "
+                     f"out_proj whose weights its parent uses, an auxiliary head in eval mode, a dropout a fused kernel "
+                     f"skips ...), such as {hidden[0]}")
     return Group(table, *(Text(note, style="dim") for note in notes))
 
 

@@ -280,7 +280,7 @@ def default_class_names(library: Library, name: str) -> tuple[list[str], str] | 
         dataset = "ImageNet-1k's" if default.name.startswith("IMAGENET1K") else f"the {default.name} weights'"
         return list(categories), f"{dataset}, from torchvision's {name} weights metadata"
     timm = _timm()
-    config = timm.models.get_pretrained_cfg(name.split(".")[0])
+    config = timm.models.get_pretrained_cfg(name)  # with its tag (convnext_tiny.fb_in22k: 22k names)
     subset = timm.data.infer_imagenet_subset(config.to_dict()) if config is not None else None
     if not subset:
         return None

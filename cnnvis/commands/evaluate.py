@@ -92,7 +92,7 @@ class Evaluation:
     def set_name(self) -> str:
         """What outputs call the images: the split, or the ``--data`` folder's name (its images are
         the model's "test" split only in name)."""
-        return (Path(self.data).name or self.data) if self.data else self.split
+        return (Path(self.data).resolve().name or self.data) if self.data else self.split  # "--data ." too
 
     @property
     def images_text(self) -> str:
@@ -387,11 +387,11 @@ def _evaluate(run: LoadedRun, split: str, wrong: int, out_dir: str | Path | None
             get_layer(run.model, layer)
     progress("reading the data")
     bundle = run.data()
-    progress(f"evaluating the {split} split")
+    progress(f"evaluating the images of {bundle.folder}" if bundle.folder is not None else f"evaluating the {split} split")
     evaluation = evaluate_run(run, split, wrong, bundle)
     files = write_evaluation(evaluation, run, out, writer)
     outcome = EvaluateOutcome(evaluation, files, out_dir=out, run=run, tensorboard=writer is not None,
-                              skipped_images=list(bundle.skipped))
+                              skipped_images=list(bundle.skipped) if bundle.folder is not None else [])
     if explanations:
         report = check_explanations(run, bundle, split, images, methods=methods or None, layer=layer, steps=steps, on_progress=progress,
                                     **trust)

@@ -149,7 +149,8 @@ def _model_flags(source: dict[str, Any], run: Path) -> str:
     them writes where this report does not look), ``--classes`` the names a --data folder matches."""
     weights = str(source.get("weights", ""))
     flags = [str(source.get("model", "MODEL"))]
-    if weights not in ("", "DEFAULT", "pretrained"):
+    # a program file holds its own weights: --weights is for library models only
+    if source.get("kind", "library") == "library" and weights not in ("", "DEFAULT", "pretrained"):
         flags.append(f"--weights {'none' if weights == 'random' else shlex.quote(weights)}")
     named_from = str(source.get("class_names_from", ""))
     if named_from.startswith("--classes "):

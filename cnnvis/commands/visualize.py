@@ -167,6 +167,7 @@ class Visualizer:
             why_not = self.run.origin.unsupported(name) if self.run.origin is not None else None
             if why_not is not None:  # a compiled program: skipped even when asked for, with the reason
                 self.result.skipped.append(Skipped(name, why_not))
+                unsupported.append(UnsupportedModelError(why_not))
                 continue
             self._part = (0, 1)
             try:
@@ -181,6 +182,7 @@ class Visualizer:
                 if refused is None:
                     raise
                 self.result.skipped.append(Skipped(name, refused))
+                unsupported.append(UnsupportedModelError(refused))
             except KeyboardInterrupt:  # keep what is drawn; say what is not
                 self.result.interrupted, self.result.not_run = name, names[index + 1:]
                 break

@@ -58,10 +58,8 @@ def fast_path_blocker(config: Config, world_size: int = 1) -> str | None:
     t, train = config.data.transforms, config.train
     if config.model.freeze != "backbone":
         return "the backbone is trained (model.freeze: none)"
-    if not train.cache_features:
-        return "train.cache_features is false"
     # all of them, so that one edit of the config turns the fast path on
-    reasons = []
+    reasons = [] if train.cache_features else ["train.cache_features is false"]
     random = [f"data.transforms.{k}" for k in RANDOM_TRANSFORMS if getattr(t, k)]
     random += [f"train.{k}" for k in ("mixup", "cutmix") if getattr(train, k)]
     if random:

@@ -26,7 +26,7 @@ _NOT = object()  #: "does not fit", distinct from every value (None included)
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     try:
         return typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve is checked by its default's type
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve: checked by its default's type
         return {}
 
 
@@ -53,6 +53,11 @@ def _fit(value: Any, hint: Any) -> Any:
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
     if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot before the exponent) as text
+            try:
+                return float(value)
+            except ValueError:
+                return _NOT
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else _NOT
     if hint is str:
         return value if isinstance(value, str) else _NOT

@@ -265,6 +265,10 @@ def test_pt2_without_room_for_other_sizes_skips_maximize_and_deepdream_with_one_
         assert "skipped deepdream" not in out and list((folder / "deepdream").glob("*.png"))  # its octaves fit
     assert 'export it with a dynamic height and width' in out and "torch.export.Dim.AUTO" in out
     assert not (folder / "maximize").exists()
+    # asked for alone, a method the program refuses is an error, not an empty result
+    out = cli("visualize", program, "--image", photos / "wide.png", "--size", 64, "-m", "maximize",
+              "--runs-dir", tmp_path, "--no-tensorboard", code=2)
+    assert "error:" in out and "maximize renders on a padded canvas" in out
 
 
 def test_pt2_with_dynamic_height_and_width_runs_maximize_and_deepdream(tmp_path: Path, photos: Path) -> None:

@@ -168,9 +168,10 @@ def test_fast_path_off_says_why(changes, reason):
 
 def test_every_reason_the_fast_path_is_off_is_given_at_once():
     raw = {"data": {"dataset": "imagefolder", "path": "x", "transforms": {"flip": True}},
-           "model": {"arch": "mnist_cnn", "freeze": "backbone"}, "train": {"tta_flip": True, "ema": 0.99}}
+           "model": {"arch": "mnist_cnn", "freeze": "backbone"},
+           "train": {"tta_flip": True, "ema": 0.99, "cache_features": False}}
     reason = fast_path_blocker(build_config(raw), world_size=2)
-    for part in ("data.transforms.flip", "train.tta_flip", "train.ema", "several training processes"):
+    for part in ("train.cache_features", "data.transforms.flip", "train.tta_flip", "train.ema", "several training processes"):
         assert part in reason
 
 

@@ -60,6 +60,7 @@ def test_method_parameters_are_checked_and_converted_to_the_declared_type() -> N
     assert given["vargrad"] == {"noise": 1.0, "over": "guided-backprop"} and isinstance(given["vargrad"]["noise"], float)
     assert given["occlusion"] == {"window": (3, 5)}
     assert split_params(["saliency"], {"reduce": None}) == {"saliency": {"reduce": None}}  # Optional takes null
+    assert split_params(["smoothgrad"], {"noise": "1e-2"}) == {"smoothgrad": {"noise": 0.01}}  # YAML's text for 1e-2
     bad = [
         (("gradcam", "layercam"), {"aug_smooth": "maybe"}, "param aug_smooth=maybe: gradcam, layercam take true or false "
                                                            "(1 or 0 work too), e.g. aug_smooth=true"),
