@@ -97,5 +97,5 @@ def test_summary_of_a_cnn_and_a_vit_keeps_names_shapes_and_mult_adds(width: int,
     assert set(result.names) <= names  # every usable name whole, on its own line
     row = next(line for line in out.splitlines() if " encoder.layers.encoder_layer_11.self_attention " in line)
     assert "(tuple)" in row and "(tuple): no single tensor out, so not usable as --layer" in " ".join(out.split())
-    assert "not listed: 12 module(s) that never ran" in " ".join(out.split())
+    assert "not listed: 12 module(s) that did not run in this forward pass" in " ".join(out.split())
     assert "encoder.layers.encoder_layer_11.self_attention.out_proj" not in names  # never ran
