@@ -18,7 +18,7 @@ captum_attr = pytest.importorskip("captum.attr")
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from vis_helpers import PlainNet, randomize_batchnorm  # noqa: E402
+from vis_helpers import PlainNet, randomize_batchnorm, scaled_plain_net  # noqa: E402
 
 from cnnvis.vis import (  # noqa: E402
     gradcam,
@@ -36,11 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 
 @pytest.fixture
 def plain() -> PlainNet:
-    model = PlainNet().eval()
-    with torch.no_grad():  # larger weights so the logits and maps are far from zero
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model
+    return scaled_plain_net()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 pytorch_grad_cam = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from vis_helpers import PlainNet, randomize_batchnorm  # noqa: E402
+from vis_helpers import randomize_batchnorm, scaled_plain_net  # noqa: E402
 
 from cnnvis.models import SmallResNet  # noqa: E402
 from cnnvis.vis import (  # noqa: E402
@@ -44,11 +44,7 @@ def resnet() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def plain() -> torch.nn.Module:
     torch.manual_seed(2)
-    model = PlainNet().eval()
-    with torch.no_grad():  # larger weights so the logits and maps are far from zero
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model
+    return scaled_plain_net()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torchvision.models import resnet18
 
 captum_attr = pytest.importorskip("captum.attr")
 from captum.attr._core.noise_tunnel import NoiseTunnel  # noqa: E402
-from vis_helpers import PlainNet, randomize_batchnorm  # noqa: E402
+from vis_helpers import PlainNet, randomize_batchnorm, scaled_plain_net  # noqa: E402
 
 from cnnvis.vis import (  # noqa: E402
     deconvnet,
@@ -32,11 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 
 @pytest.fixture
 def plain() -> PlainNet:
-    model = PlainNet().eval()
-    with torch.no_grad():  # larger weights so the logits and maps are far from zero
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model
+    return scaled_plain_net()
 
 
 @pytest.fixture

@@ -170,3 +170,13 @@ class SignNet(nn.Module):
         neg = self._relu(-x, second=True)
         logit0 = (pos - neg).mean(dim=(1, 2, 3))
         return torch.stack([logit0, torch.zeros_like(logit0)], dim=1)
+
+
+def scaled_plain_net() -> PlainNet:
+    """A :class:`PlainNet` in eval mode with its weights tripled, so the logits and maps of the
+    parity tests are far from zero (float tolerance then means something)."""
+    model = PlainNet().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model
