@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal, overload
 
@@ -22,7 +23,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils.hooks import RemovableHandle
 
+from cnnvis.device import eval_mode
 from cnnvis.errors import CnnvisError
+from cnnvis.vis.hooks import temporary_hooks
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "summarize_source"]
 
@@ -171,9 +174,11 @@ class _Seen:
     output_type: str = ""
 
 
-def _record_calls(model: nn.Module) -> tuple[dict[str, _Seen], list[RemovableHandle]]:
+def _record_calls(model: nn.Module) -> tuple[dict[str, _Seen], list[Callable[[], RemovableHandle]]]:
+    """What each module's first call saw, and the hook registrations that fill it in
+    (for :func:`~cnnvis.vis.hooks.temporary_hooks`)."""
     seen: dict[str, _Seen] = {}
-    handles: list[RemovableHandle] = []
+    register: list[Callable[[], RemovableHandle]] = []
 
     def pre(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_m: nn.Module, args: tuple) -> None:
@@ -193,8 +198,9 @@ def _record_calls(model: nn.Module) -> tuple[dict[str, _Seen], list[RemovableHan
 
     for name, module in model.named_modules():
         if name:
-            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post(name))]
-    return seen, handles
+            register += [partial(module.register_forward_pre_hook, pre(name)),
+                         partial(module.register_forward_hook, post(name))]
+    return seen, register
 
 
 def _attention_flops(query: tuple[int, ...], key: tuple[int, ...], value: tuple[int, ...], *_args: object,
@@ -258,29 +264,25 @@ def summarize(
 
     home = _model_device(model)
     run_on = torch.device(device) if device is not None else (home or torch.device("cpu"))
-    modes = {m: m.training for m in model.modules()}
-    seen, handles = _record_calls(model)
+    seen, register = _record_calls(model)
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     try:
-        model.eval()  # no BatchNorm statistics are updated, dropout is off
-        model.to(run_on)
-        x = torch.zeros(size, dtype=_model_dtype(model), device=run_on)
-        try:
-            with torch.no_grad(), _no_attention_fastpath(), counter:
-                model(x)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CnnvisError(
-                f"{type(model).__name__} cannot run on an input of size {list(size)}: {detail}",
-                "Check that the channels and image size match the model and its data set.",
-            ) from None
+        # eval: no BatchNorm statistics are updated, dropout is off; every module's own mode comes back
+        with eval_mode(model), temporary_hooks(register):
+            model.to(run_on)
+            x = torch.zeros(size, dtype=_model_dtype(model), device=run_on)
+            try:
+                with torch.no_grad(), _no_attention_fastpath(), counter:
+                    model(x)
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise CnnvisError(
+                    f"{type(model).__name__} cannot run on an input of size {list(size)}: {detail}",
+                    "Check that the channels and image size match the model and its data set.",
+                ) from None
     finally:
-        for handle in handles:
-            handle.remove()
         if home is not None and _model_device(model) != home:
             model.to(home)
-        for module, training in modes.items():
-            module.training = training
 
     flops = _flops_by_name(counter)
     rows = []

@@ -95,6 +95,7 @@ def test_input_size_without_batch_and_bad_input():
     with pytest.raises(CnnvisError, match=r"input of size \[1, 3, 28, 28\]"):
         summarize(model, (1, 3, 28, 28))
     assert model.training  # restored after the failure too
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # no hook left behind
 
 
 # --------------------------------------------------------------------------- mult-adds
