@@ -7,12 +7,11 @@ the whole entry or any alias, case-insensitively, with ``_`` read as a space (fo
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from cnnvis.errors import ConfigError
+from cnnvis.errors import ConfigError, nearest_names
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -75,7 +74,7 @@ def match_class(text: str, names: Sequence[str], what: str = "target") -> int:
         raise ConfigError(f"{what} {text!r} is ambiguous: classes {shown}", "Give the class index instead.",
                           parameter=what if what == "target" else None)
     keys = {alias: i for i, name in enumerate(names) for alias in [_key(name), *_aliases(name)]}
-    close = difflib.get_close_matches(key, list(keys), n=5, cutoff=0.6)
+    close = nearest_names(key, list(keys))
     near = list(dict.fromkeys(names[keys[c]] for c in close))
     if numbered(names):  # nothing to be near: the model's classes have no names
         hint = (f"The model's classes are numbered 0..{len(names) - 1} (no names known): give a class index, "

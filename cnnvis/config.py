@@ -6,7 +6,6 @@ instead of a silently ignored setting.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from cnnvis.errors import ConfigError
+from cnnvis.errors import ConfigError, nearest_names
 from cnnvis.io import atomic_write
 
 #: environment variable that points every config at one data folder (below overrides, above the file)
@@ -210,7 +209,7 @@ class Config(Section):
 
 
 def _suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    close = nearest_names(name, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

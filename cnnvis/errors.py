@@ -72,10 +72,16 @@ class VisWarning(UserWarning):
     that had to leave some activations with the plain gradient); the message says where."""
 
 
+def nearest_names(name: str, choices: list[str], n: int = 5, cutoff: float = 0.6) -> list[str]:
+    """The valid names closest to a mistyped ``name`` (difflib's ratio), best first: the one rule
+    behind every "did you mean" and "nearest" in cnnvis's messages."""
+    import difflib  # only when a message is being written
+
+    return difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)
+
+
 def did_you_mean(name: str, choices: list[str], n: int = 5) -> str:
     """``"did you mean a, b? "`` for the valid names closest to a mistyped ``name``, else ``""``:
     what an unknown layer, method or choice says before listing the valid ones."""
-    import difflib  # only when a message is being written
-
-    near = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
+    near = nearest_names(name, choices, n=n, cutoff=0.5)
     return f"did you mean {', '.join(near)}? " if near else ""

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cnnvis.errors import CheckpointError, ConfigError
+from cnnvis.errors import CheckpointError, ConfigError, nearest_names
 
 Library = Literal["torchvision", "timm"]
 LIBRARIES: tuple[Library, ...] = ("torchvision", "timm")
@@ -385,7 +385,5 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Linear:
 
 
 def _nearest(name: str, known: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    close = nearest_names(name, known, n=3)
     return f"; did you mean {' or '.join(close)}?" if close else ""
