@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from cnnvis.plots.base import PNG, figure_to_png, figure_to_tensor
+from cnnvis.plots.occlusion import class_palette
 
 if TYPE_CHECKING:
     from cnnvis.metrics.faithfulness import FaithfulnessReport
@@ -84,10 +86,12 @@ def training_curves_plot(history: Sequence[Mapping[str, Any]], title: str = "") 
 
 def faithfulness_curves_figure(report: FaithfulnessReport, title: str = "") -> PNG:
     """Mean deletion and insertion curves of every method, with the random order dashed."""
-    fig = Figure(figsize=(11, 4.4), dpi=100)
+    # twenty methods: a legend inside the axes would hide the curves, so it goes under each panel
+    legend_rows = math.ceil((len(report.rows) + 1) / 2)
+    fig = Figure(figsize=(11, 4.0 + 0.2 * legend_rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     x = torch.linspace(0, 1, report.steps + 1).tolist()
-    palette = [f"C{i}" for i in range(10)]
+    palette = [tuple(c) for c in class_palette(len(report.rows)).tolist()]  # distinct up to twenty methods
     for panel, (mode, random_curve, random_value, better) in enumerate((
         ("deletion", report.random_deletion_curve, report.random_deletion_auc, "lower is better"),
         ("insertion", report.random_insertion_curve, report.random_insertion_auc, "higher is better"),
@@ -96,7 +100,7 @@ def faithfulness_curves_figure(report: FaithfulnessReport, title: str = "") -> P
         for i, row in enumerate(report.rows):
             curve = row.deletion_curve if mode == "deletion" else row.insertion_curve
             value = row.deletion_auc if mode == "deletion" else row.insertion_auc
-            ax.plot(x, curve, color=palette[i % 10], linestyle="-" if row.passed else ":", linewidth=1.6,
+            ax.plot(x, curve, color=palette[i], linestyle="-" if row.passed else ":", linewidth=1.6,
                     label=f"{row.method} {value:.3f}" + ("" if row.passed else " (fails sanity)"))
         ax.plot(x, random_curve, color="black", linestyle="--", linewidth=1.2, label=f"random order {random_value:.3f}")
         ax.set_xlim(0, 1)
@@ -105,8 +109,7 @@ def faithfulness_curves_figure(report: FaithfulnessReport, title: str = "") -> P
         ax.set_ylabel("target class probability (mean)")
         ax.set_title(f"{mode}: AUC, {better}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right" if mode == "deletion" else "lower right", framealpha=0.85)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     return figure_to_png(fig)
